@@ -1,0 +1,265 @@
+"""The `pgolf` command line: parse, call a stage, print. Nothing else lives here.
+
+Bad input (PgolfError) prints one line on stderr and exits 2; `--json` prints the result as one
+JSON object on stdout while logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pgolf
+from pgolf.errors import PgolfError
+
+
+def _print_result(result: dict[str, Any], as_json: bool, human: str) -> None:
+    if as_json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        print(human)
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def _add_json(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
+# -- data ------------------------------------------------------------------------------------
+def cmd_data_build(args: argparse.Namespace) -> None:
+    from pgolf.data.build import build_dataset
+
+    result = build_dataset(
+        inputs=args.input,
+        out_dir=args.out,
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
+        val_docs=args.val_docs,
+        max_docs=args.max_docs,
+        text_field=args.text_field,
+        blank_line_docs=args.blank_line_docs,
+        shard_tokens=args.shard_tokens,
+        progress=not args.json,
+    )
+    _print_result(result, args.json, json.dumps(result, indent=2))
+
+
+def cmd_data_fetch(args: argparse.Namespace) -> None:
+    from pgolf.data.fetch import fetch_dataset
+
+    result = fetch_dataset(
+        args.variant, args.out, train_shards=args.train_shards, progress=not args.json
+    )
+    _print_result(result, args.json, json.dumps(result, indent=2))
+
+
+def cmd_data_demo(args: argparse.Namespace) -> None:
+    from pgolf.data.demo import build_demo_dataset
+
+    result = build_demo_dataset(args.out, progress=not args.json)
+    _print_result(result, args.json, json.dumps(result, indent=2))
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> None:
+    from pgolf.data.inspect import format_inspect, inspect_path
+
+    result = inspect_path(args.path, tokenizer=args.tokenizer)
+    _print_result(result, args.json, format_inspect(result))
+
+
+# -- presets ---------------------------------------------------------------------------------
+def cmd_presets(args: argparse.Namespace) -> None:
+    from pgolf.config import load_preset, preset_names
+    from pgolf.model.gpt import GPT, count_parameters
+
+    if args.name:
+        cfg = load_preset(args.name)
+        _print_result(cfg.to_dict(), args.json, json.dumps(cfg.to_dict(), indent=2))
+        return
+    import torch
+
+    rows = {}
+    for name in preset_names():
+        with torch.device("meta"):
+            rows[name] = count_parameters(GPT(load_preset(name).model))
+    _print_result(rows, args.json, _table([(k, f"{v:,} parameters") for k, v in rows.items()]))
+
+
+# -- run / stages ----------------------------------------------------------------------------
+def demo_data_dir() -> Path:
+    cache = Path(os.environ.get("PGOLF_CACHE", Path.home() / ".cache" / "pgolf"))
+    return cache / "demo"
+
+
+def _ensure_demo_data(world) -> Path:
+    from pgolf.data.demo import build_demo_dataset
+    from pgolf.dist import barrier
+
+    out = demo_data_dir()
+    if world.is_main and not (out / "meta.json").is_file():
+        print(f"building the demo dataset in {out} (first use only)", file=sys.stderr)
+        build_demo_dataset(out, progress=True)
+    barrier(world)
+    return out
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from pgolf.config import resolve_config
+    from pgolf.dist import init_world, shutdown
+    from pgolf.run import run_pipeline, summary_rows
+
+    assignments = list(args.set or [])
+    world = init_world()
+    try:
+        if args.data:
+            assignments.append(f"data.path={args.data}")
+        elif args.preset == "demo" and not os.environ.get("DATA_PATH"):
+            assignments.append(f"data.path={_ensure_demo_data(world)}")
+        cfg = resolve_config(args.preset, assignments)
+        stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
+        run_dir = Path(args.out or Path("runs") / f"{args.preset}_{stamp}")
+        report = run_pipeline(run_dir, cfg, world, echo=not args.json)
+    finally:
+        shutdown(world)
+    if world.is_main:
+        human = f"run directory: {run_dir}\n" + _table(summary_rows(report))
+        _print_result(report, args.json, human)
+
+
+def _stage(args: argparse.Namespace, fn, **kwargs) -> None:
+    from pgolf.dist import init_world, shutdown
+    from pgolf.run import summary_rows
+
+    world = init_world()
+    try:
+        report = fn(Path(args.run), world, **kwargs)
+    finally:
+        shutdown(world)
+    if world.is_main:
+        _print_result(report, args.json, _table(summary_rows(report)))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from pgolf.run import train_stage
+
+    _stage(args, train_stage, resume=args.resume, echo=not args.json)
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from pgolf.run import export_stage
+
+    _stage(args, export_stage)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from pgolf.run import eval_stage
+
+    _stage(args, eval_stage, echo=not args.json)
+
+
+# -- parser ----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pgolf", description="Train the best language model that fits 16,000,000 bytes."
+    )
+    parser.add_argument("--version", action="version", version=f"pgolf {pgolf.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    data = sub.add_parser("data", help="build, fetch, inspect token shards")
+    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+
+    p = data_sub.add_parser("build", help="tokenize text/jsonl/parquet into shards")
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--tokenizer", metavar="MODEL", help="an existing SentencePiece model")
+    group.add_argument("--vocab-size", type=int, metavar="N", help="train a tokenizer of N pieces")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--val-docs", type=int, default=0, metavar="N", help="first N docs → val")
+    p.add_argument("--max-docs", type=int, default=None, metavar="N")
+    p.add_argument("--text-field", default="text", help="jsonl field / parquet column")
+    p.add_argument(
+        "--blank-line-docs", action="store_true", help=".txt: documents separated by blank lines"
+    )
+    p.add_argument("--shard-tokens", type=int, default=100_000_000, metavar="N")
+    _add_json(p)
+    p.set_defaults(func=cmd_data_build)
+
+    p = data_sub.add_parser("fetch", help="download the official FineWeb shards")
+    p.add_argument("--variant", required=True, choices=["sp1024", "sp4096", "sp8192"])
+    p.add_argument(
+        "--train-shards", type=int, default=80, metavar="N", help="as upstream: 80 = 8B tokens"
+    )
+    p.add_argument("--out", required=True, metavar="DIR")
+    _add_json(p)
+    p.set_defaults(func=cmd_data_fetch)
+
+    p = data_sub.add_parser("demo", help="build the offline demo dataset (State of the Union)")
+    p.add_argument("--out", required=True, metavar="DIR")
+    _add_json(p)
+    p.set_defaults(func=cmd_data_demo)
+
+    p = data_sub.add_parser("inspect", help="tokens, documents and official byte counts")
+    p.add_argument("path", metavar="PATH", help="a shard, a glob or a dataset directory")
+    p.add_argument("--tokenizer", metavar="MODEL")
+    _add_json(p)
+    p.set_defaults(func=cmd_data_inspect)
+
+    p = sub.add_parser("presets", help="list presets, or show one resolved")
+    p.add_argument("name", nargs="?", help="show this preset's resolved config")
+    _add_json(p)
+    p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("run", help="data → train → quantize → eval in one go")
+    p.add_argument("--preset", default="demo")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
+    p.add_argument("--data", metavar="DIR", help="dataset directory (default for demo: built)")
+    p.add_argument("--out", metavar="RUN", help="run directory (default runs/PRESET_TIME)")
+    _add_json(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("train", help="train (or resume) the run in RUN")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint")
+    _add_json(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("quantize", help="quantize RUN's weights and write the artifact")
+    p.add_argument("run", metavar="RUN")
+    _add_json(p)
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("eval", help="score RUN's artifact on the validation set")
+    p.add_argument("run", metavar="RUN")
+    _add_json(p)
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        args.func(args)
+    except PgolfError as exc:
+        print(f"pgolf: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pgolf: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

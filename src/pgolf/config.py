@@ -1,0 +1,240 @@
+"""The typed configuration tree, presets, and overrides.
+
+A run's configuration is a `RunConfig` of per-stage dataclasses. It is resolved in this order:
+dataclass defaults → preset TOML (`src/pgolf/presets/NAME.toml`) → upstream environment names
+(`NUM_LAYERS=11`, `ITERATIONS`, … as the official `train_gpt.py` reads them) → `--set a.b=value`.
+Each field that the official script also reads names its environment variable in its metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import tomllib
+
+from pgolf.errors import PgolfError
+
+
+def _env(name: str, default: Any) -> Any:
+    return field(default=default, metadata={"env": name})
+
+
+@dataclass
+class DataConfig:
+    path: str = _env("DATA_PATH", "")  # dataset directory: shards (+ tokenizer.model)
+    tokenizer: str = _env("TOKENIZER_PATH", "")  # default: DIR/tokenizer.model
+    train_glob: str = ""  # default: DIR/fineweb_train_*.bin
+    val_glob: str = ""  # default: DIR/fineweb_val_*.bin
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = _env("VOCAB_SIZE", 1024)
+    num_layers: int = _env("NUM_LAYERS", 9)
+    model_dim: int = _env("MODEL_DIM", 512)
+    num_heads: int = _env("NUM_HEADS", 8)
+    num_kv_heads: int = _env("NUM_KV_HEADS", 4)
+    mlp_mult: float = _env("MLP_MULT", 2.0)
+    tie_embeddings: bool = _env("TIE_EMBEDDINGS", True)
+    rope_base: float = _env("ROPE_BASE", 10000.0)
+    logit_softcap: float = _env("LOGIT_SOFTCAP", 30.0)
+    qk_gain_init: float = _env("QK_GAIN_INIT", 1.5)
+    tied_embed_init_std: float = _env("TIED_EMBED_INIT_STD", 0.005)
+
+
+@dataclass
+class TrainConfig:
+    seed: int = _env("SEED", 1337)
+    iterations: int = _env("ITERATIONS", 20000)
+    max_wallclock_seconds: float = _env("MAX_WALLCLOCK_SECONDS", 600.0)  # 0 = no cap
+    train_batch_tokens: int = _env("TRAIN_BATCH_TOKENS", 524288)
+    train_seq_len: int = _env("TRAIN_SEQ_LEN", 1024)
+    grad_accum_steps: int = 0  # 0 = upstream rule 8 // world_size
+    warmdown_iters: int = _env("WARMDOWN_ITERS", 1200)
+    warmup_steps: int = _env("WARMUP_STEPS", 20)  # compile warm-up, run then undone
+    val_loss_every: int = _env("VAL_LOSS_EVERY", 0)  # 0 = only at the end
+    train_log_every: int = _env("TRAIN_LOG_EVERY", 50)
+    matrix_lr: float = _env("MATRIX_LR", 0.04)
+    scalar_lr: float = _env("SCALAR_LR", 0.04)
+    tied_embed_lr: float = _env("TIED_EMBED_LR", 0.05)
+    embed_lr: float = _env("EMBED_LR", 0.6)
+    head_lr: float = _env("HEAD_LR", 0.008)
+    muon_momentum: float = _env("MUON_MOMENTUM", 0.95)
+    muon_momentum_warmup_start: float = _env("MUON_MOMENTUM_WARMUP_START", 0.85)
+    muon_momentum_warmup_steps: int = _env("MUON_MOMENTUM_WARMUP_STEPS", 500)
+    muon_backend_steps: int = _env("MUON_BACKEND_STEPS", 5)
+    beta1: float = _env("BETA1", 0.9)
+    beta2: float = _env("BETA2", 0.95)
+    adam_eps: float = _env("ADAM_EPS", 1e-8)
+    grad_clip_norm: float = _env("GRAD_CLIP_NORM", 0.0)
+    compile: bool = _env("COMPILE", True)  # only takes effect on CUDA
+    checkpoint_every: int = 0  # steps between resumable checkpoints; 0 = end only
+
+
+@dataclass
+class EvalConfig:
+    eval_seq_len: int = _env("EVAL_SEQ_LEN", 0)  # 0 = train_seq_len
+    val_batch_tokens: int = _env("VAL_BATCH_SIZE", 524288)
+    max_val_tokens: int = 0  # 0 = the whole validation stream (a cap marks the report partial)
+
+
+@dataclass
+class ExportConfig:
+    codec: str = "int8-zlib"  # the official baseline export (SPEC §4.8)
+
+
+@dataclass
+class RunConfig:
+    preset: str = "baseline"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def sha256(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+SECTIONS = ("data", "model", "train", "eval", "export")
+
+
+def _parse_value(text: str, target_type: type, where: str) -> Any:
+    try:
+        if target_type is bool:
+            lowered = text.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if target_type is int:
+            return (
+                int(float(text))
+                if text.strip().lower().replace(".", "", 1).isdigit()
+                else int(text)
+            )
+        return target_type(text)
+    except ValueError:
+        raise PgolfError(f"{where}: cannot read {text!r} as {target_type.__name__}") from None
+
+
+def _field_type(section_obj: Any, name: str) -> type:
+    return type(getattr(section_obj, name))
+
+
+def _set_field(cfg: RunConfig, section: str, key: str, value: Any, where: str) -> None:
+    if section not in SECTIONS:
+        raise PgolfError(f"{where}: unknown config section {section!r}; expected one of {SECTIONS}")
+    obj = getattr(cfg, section)
+    names = {f.name for f in dataclasses.fields(obj)}
+    if key not in names:
+        raise PgolfError(f"{where}: unknown key {section}.{key}; known: {', '.join(sorted(names))}")
+    kind = _field_type(obj, key)
+    if isinstance(value, str) and kind is not str:
+        value = _parse_value(value, kind, where)
+    elif kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    elif not isinstance(value, kind):
+        raise PgolfError(f"{where}: {section}.{key} expects {kind.__name__}, got {value!r}")
+    setattr(obj, key, value)
+
+
+def preset_names() -> list[str]:
+    files = resources.files("pgolf.presets").iterdir()
+    return sorted(p.name[: -len(".toml")] for p in files if p.name.endswith(".toml"))
+
+
+def load_preset(name: str) -> RunConfig:
+    if name not in preset_names():
+        raise PgolfError(f"unknown preset {name!r}; available: {', '.join(preset_names())}")
+    text = resources.files("pgolf.presets").joinpath(f"{name}.toml").read_text()
+    try:
+        table = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise PgolfError(f"preset {name}: invalid TOML ({exc})") from None
+    cfg = RunConfig(preset=name)
+    for section, values in table.items():
+        if not isinstance(values, dict):
+            raise PgolfError(f"preset {name}: top-level key {section!r} must be a [section]")
+        for key, value in values.items():
+            _set_field(cfg, section, key, value, f"preset {name}")
+    return cfg
+
+
+def env_overrides(environ: dict[str, str] | None = None) -> list[tuple[str, str, str]]:
+    """The (section, key, raw value) of every upstream environment name that is set."""
+    environ = os.environ if environ is None else environ
+    found = []
+    for section in SECTIONS:
+        for f in dataclasses.fields(globals()[section.capitalize() + "Config"]):
+            name = f.metadata.get("env")
+            if name and name in environ:
+                found.append((section, f.name, environ[name]))
+    return found
+
+
+def apply_overrides(cfg: RunConfig, assignments: list[str]) -> RunConfig:
+    """Apply `section.key=value` strings (the CLI's `--set`)."""
+    for item in assignments:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise PgolfError(f"--set {item!r}: expected section.key=value, e.g. model.num_layers=4")
+        path, value = item.split("=", 1)
+        section, key = path.split(".", 1)
+        _set_field(cfg, section, key, value, f"--set {item}")
+    return cfg
+
+
+def resolve_config(
+    preset: str = "baseline",
+    assignments: list[str] | None = None,
+    environ: dict[str, str] | None = None,
+) -> RunConfig:
+    cfg = load_preset(preset)
+    for section, key, value in env_overrides(environ):
+        name = next(
+            f.metadata["env"] for f in dataclasses.fields(getattr(cfg, section)) if f.name == key
+        )
+        _set_field(cfg, section, key, value, f"environment {name}")
+    apply_overrides(cfg, assignments or [])
+    validate_config(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """Rebuild a config written by `RunConfig.to_dict` (a run's config.json)."""
+    cfg = RunConfig(preset=data.get("preset", "baseline"))
+    for section in SECTIONS:
+        for key, value in data.get(section, {}).items():
+            _set_field(cfg, section, key, value, "config.json")
+    return cfg
+
+
+def validate_config(cfg: RunConfig) -> None:
+    m, t = cfg.model, cfg.train
+    checks = [
+        (m.num_layers >= 1, "model.num_layers must be ≥ 1"),
+        (m.model_dim % m.num_heads == 0, "model.model_dim must be divisible by model.num_heads"),
+        (m.num_heads % m.num_kv_heads == 0, "model.num_heads must be divisible by num_kv_heads"),
+        ((m.model_dim // m.num_heads) % 2 == 0, "the head dim must be even for RoPE"),
+        (m.vocab_size >= 2, "model.vocab_size must be ≥ 2"),
+        (t.train_seq_len >= 1, "train.train_seq_len must be ≥ 1"),
+        (t.iterations >= 1, "the training budget is 0: train.iterations must be ≥ 1"),
+        (
+            t.max_wallclock_seconds >= 0,
+            "train.max_wallclock_seconds must be ≥ 0 (0 means no wall-clock cap)",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise PgolfError(f"invalid config: {message}")

@@ -1,0 +1,267 @@
+"""The pipeline stages over a run directory, and `pgolf run` which chains them.
+
+RUN/config.json      resolved config (written first; every stage reads it)
+RUN/train.log        human log, starting with versions, device and code hash
+RUN/metrics.jsonl    one JSON object per logged step / evaluation
+RUN/checkpoint/      resumable training state
+RUN/model.safetensors  float weights after training
+RUN/artifact.pgolf   the compressed submission weights
+RUN/report.json      the numbers: BPB, bytes, time split, compliance
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import pgolf
+from pgolf.artifact.container import read_artifact, write_artifact
+from pgolf.artifact.int8 import dequantize_state_dict_int8, quantize_state_dict_int8
+from pgolf.config import RunConfig, config_from_dict, validate_config
+from pgolf.data.dataset import DatasetFiles, resolve_dataset
+from pgolf.data.shards import load_tokens
+from pgolf.data.tokenizer import build_byte_tables, check_vocab_fits, load_tokenizer
+from pgolf.dist import World, barrier
+from pgolf.errors import PgolfError
+from pgolf.eval.bpb import BpbSums, TorchByteTables
+from pgolf.eval.score import score_nonoverlapping
+from pgolf.fileio import write_text_atomic
+from pgolf.model.gpt import GPT
+from pgolf.runlog import RunLog, code_bytes, imported_source_files
+from pgolf.train.trainer import Trainer
+
+ARTIFACT_NAME = "artifact.pgolf"
+BYTES_CAP = 16_000_000  # decimal bytes (SPEC §1.2), not 16 MiB
+TIME_CAP_S = 600.0
+ARTIFACT_CODECS = {"int8-zlib": "zlib"}
+
+
+# -- run directory ---------------------------------------------------------------------------
+def create_run_dir(run_dir: Path, cfg: RunConfig, world: World, overwrite: bool = False) -> None:
+    if world.is_main:
+        if (run_dir / "config.json").exists() and not overwrite:
+            raise PgolfError(
+                f"{run_dir}: a run already exists here; use `pgolf train {run_dir} --resume` or "
+                "choose another --out"
+            )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+    barrier(world)
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise PgolfError(f"{run_dir}: not a run directory (no config.json)")
+    try:
+        cfg = config_from_dict(json.loads(path.read_text()))
+    except json.JSONDecodeError as exc:
+        raise PgolfError(f"{path}: invalid JSON ({exc})") from None
+    validate_config(cfg)
+    return cfg
+
+
+def read_report(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / "report.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def update_report(run_dir: Path, world: World, **fields: Any) -> dict[str, Any]:
+    report = read_report(run_dir)
+    report.update(fields)
+    if world.is_main:
+        write_text_atomic(Path(run_dir) / "report.json", json.dumps(report, indent=2) + "\n")
+    return report
+
+
+# -- data ------------------------------------------------------------------------------------
+class EvalData:
+    """Validation tokens and the byte tables of the tokenizer, checked against the model."""
+
+    def __init__(self, cfg: RunConfig, files: DatasetFiles, device: torch.device):
+        sp = load_tokenizer(files.tokenizer)
+        if sp.vocab_size() > cfg.model.vocab_size:
+            raise PgolfError(
+                f"{files.tokenizer}: tokenizer vocabulary {sp.vocab_size()} is larger than the "
+                f"model's model.vocab_size={cfg.model.vocab_size}"
+            )
+        tokens = load_tokens(files.val)
+        check_vocab_fits(tokens, cfg.model.vocab_size, str(files.val[0].parent))
+        self.covers_all = not cfg.eval.max_val_tokens or cfg.eval.max_val_tokens >= len(tokens)
+        self.tokens = tokens[: cfg.eval.max_val_tokens] if cfg.eval.max_val_tokens else tokens
+        self.byte_tables = TorchByteTables(build_byte_tables(sp, cfg.model.vocab_size), device)
+
+
+def eval_seq_len(cfg: RunConfig) -> int:
+    return cfg.eval.eval_seq_len or cfg.train.train_seq_len
+
+
+def score_model(model: torch.nn.Module, cfg: RunConfig, data: EvalData, world: World) -> BpbSums:
+    return score_nonoverlapping(
+        model, data.tokens, eval_seq_len(cfg), cfg.eval.val_batch_tokens, data.byte_tables, world
+    )
+
+
+# -- stages ----------------------------------------------------------------------------------
+def train_stage(run_dir: Path, world: World, resume: bool = False, echo: bool = True) -> dict:
+    cfg = load_run_config(run_dir)
+    files = resolve_dataset(cfg.data)
+    log = RunLog(run_dir, enabled=world.is_main, echo=echo)
+    eval_data = EvalData(cfg, files, world.device)
+    trainer = Trainer(cfg, files, world, run_dir, log)
+    log.header(cfg.to_dict(), str(world.device), world.world_size)
+    result = trainer.run(resume=resume)
+    pre = score_model(trainer.model, cfg, eval_data, world)
+    log.metrics(step=result.steps, eval_mode="pre_quant", val_loss=pre.loss, val_bpb=pre.bpb)
+    log.text(
+        f"stopped by {result.stopped_by} at step {result.steps}: train_time "
+        f"{result.train_time_ms / 1000:.1f}s pre_quant val_loss {pre.loss:.4f} "
+        f"val_bpb {pre.bpb:.4f}"
+    )
+    return update_report(
+        run_dir,
+        world,
+        steps=result.steps,
+        stopped_by=result.stopped_by,
+        tokens_seen=result.tokens_seen,
+        final_train_loss=result.final_train_loss,
+        train_time_s=result.train_time_ms / 1000,
+        calib_time_s=0.0,
+        pre_quant_val_loss=pre.loss,
+        pre_quant_val_bpb=pre.bpb,
+        seed=cfg.train.seed,
+        world_size=world.world_size,
+        device=str(world.device),
+        pgolf_version=pgolf.__version__,
+        config_sha256=cfg.sha256(),
+    )
+
+
+def export_stage(run_dir: Path, world: World) -> dict:
+    """Quantize the trained float weights and write the compressed artifact."""
+    from safetensors.torch import load_file
+
+    cfg = load_run_config(run_dir)
+    codec = ARTIFACT_CODECS.get(cfg.export.codec)
+    if codec is None:
+        raise PgolfError(
+            f"unknown export.codec {cfg.export.codec!r}; available: {list(ARTIFACT_CODECS)}"
+        )
+    weights = Path(run_dir) / "model.safetensors"
+    if not weights.is_file():
+        raise PgolfError(f"{weights}: no trained weights; run `pgolf train {run_dir}` first")
+    if world.is_main:
+        arrays, meta = quantize_state_dict_int8(load_file(weights))
+        meta = {"format": cfg.export.codec, **meta}
+        write_artifact(Path(run_dir) / ARTIFACT_NAME, arrays, meta, codec=codec)
+    barrier(world)
+    bytes_model = (Path(run_dir) / ARTIFACT_NAME).stat().st_size
+    return update_report(run_dir, world, bytes_model=bytes_model)
+
+
+def load_artifact_model(run_dir: Path, cfg: RunConfig, device: torch.device) -> GPT:
+    arrays, meta = read_artifact(Path(run_dir) / ARTIFACT_NAME)
+    state = dequantize_state_dict_int8(arrays, meta)
+    model = GPT(cfg.model)
+    model.load_state_dict(state, strict=True)
+    return model.to(device)
+
+
+def eval_stage(run_dir: Path, world: World, echo: bool = True) -> dict:
+    """Score the artifact model; everything from reading the artifact on is eval time."""
+    cfg = load_run_config(run_dir)
+    files = resolve_dataset(cfg.data)
+    log = RunLog(run_dir, enabled=world.is_main, echo=echo)
+    if not (Path(run_dir) / ARTIFACT_NAME).is_file():
+        raise PgolfError(f"{run_dir}/{ARTIFACT_NAME}: no artifact; run `pgolf run` or export first")
+    eval_data = EvalData(cfg, files, world.device)
+    t0 = time.perf_counter()
+    model = load_artifact_model(run_dir, cfg, world.device)
+    sums = score_model(model, cfg, eval_data, world)
+    if world.is_cuda:
+        torch.cuda.synchronize(world.device)
+    eval_time_s = time.perf_counter() - t0
+    log.metrics(eval_mode="nonoverlapping", val_loss=sums.loss, val_bpb=sums.bpb)
+    log.text(f"final int8 round-trip val_loss {sums.loss:.6f} val_bpb {sums.bpb:.6f}")
+    report = read_report(run_dir)
+    bytes_code = code_bytes(imported_source_files())
+    bytes_total = bytes_code + int(report.get("bytes_model", 0))
+    covered = eval_data.covers_all
+    return update_report(
+        run_dir,
+        world,
+        val_loss=sums.loss,
+        val_bpb=sums.bpb,
+        val_tokens=int(sums.tokens),
+        val_bytes=int(sums.bytes),
+        eval_mode="nonoverlapping",
+        eval_seq_len=eval_seq_len(cfg),
+        eval_time_s=eval_time_s,
+        bytes_code=bytes_code,
+        bytes_total=bytes_total,
+        ttt=None,
+        compliance=compliance(report, bytes_total, eval_time_s, covered, world),
+    )
+
+
+def compliance(
+    report: dict, bytes_total: int, eval_time_s: float, covered: bool, world: World
+) -> dict[str, dict[str, Any]]:
+    on_record_hardware = world.is_cuda and world.world_size == 8
+    hardware_note = (
+        ""
+        if on_record_hardware
+        else (
+            f" (measured on {world.world_size}×{world.device.type}; this does not prove the "
+            "8×H100 budget)"
+        )
+    )
+    train_s = float(report.get("train_time_s", math.nan))
+    return {
+        "artifact_under_16mb": {
+            "ok": bytes_total <= BYTES_CAP,
+            "detail": f"{bytes_total:,} of {BYTES_CAP:,} decimal bytes",
+        },
+        "training_under_600s": {
+            "ok": train_s <= TIME_CAP_S,
+            "detail": f"{train_s:.1f} s counted training time{hardware_note}",
+        },
+        "eval_under_600s": {
+            "ok": eval_time_s <= TIME_CAP_S,
+            "detail": f"{eval_time_s:.1f} s from artifact load to score{hardware_note}",
+        },
+        "full_validation_set": {
+            "ok": covered,
+            "detail": "every validation target scored" if covered else "eval.max_val_tokens cut it",
+        },
+    }
+
+
+def run_pipeline(run_dir: Path, cfg: RunConfig, world: World, echo: bool = True) -> dict:
+    create_run_dir(run_dir, cfg, world)
+    train_stage(run_dir, world, echo=echo)
+    export_stage(run_dir, world)
+    return eval_stage(run_dir, world, echo=echo)
+
+
+def summary_rows(report: dict) -> list[tuple[str, str]]:
+    def fmt(key: str, spec: str) -> str:
+        value = report.get(key)
+        return "—" if value is None else format(value, spec)
+
+    return [
+        ("val_bpb (int8 round trip)", fmt("val_bpb", ".4f")),
+        ("pre-quant val_bpb", fmt("pre_quant_val_bpb", ".4f")),
+        ("val_loss (nats/token)", fmt("val_loss", ".4f")),
+        ("steps", fmt("steps", "d")),
+        ("bytes_model", fmt("bytes_model", ",d")),
+        ("bytes_code", fmt("bytes_code", ",d")),
+        ("bytes_total", fmt("bytes_total", ",d")),
+        ("train time (s)", fmt("train_time_s", ".1f")),
+        ("eval time (s)", fmt("eval_time_s", ".1f")),
+    ]

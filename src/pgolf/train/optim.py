@@ -1,0 +1,82 @@
+"""The baseline's optimisers, routed by parameter role (SPEC §4.4), and their per-step knobs.
+
+Matrices inside the blocks go to Muon; the embedding, an untied head and the small control tensors
+each get their own Adam with its own learning rate. Every param group remembers its `base_lr` so the
+schedule (SPEC §4.5) can rescale all of them with one number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from pgolf.config import TrainConfig
+from pgolf.model.roles import params_by_role
+from pgolf.train.muon import Muon
+
+
+def _adam(params: list[nn.Parameter], lr: float, cfg: TrainConfig) -> torch.optim.Adam:
+    # The fused kernel exists only for accelerator tensors; on CPU it would raise.
+    fused = all(p.is_cuda for p in params)
+    return torch.optim.Adam(
+        [{"params": params, "lr": lr, "base_lr": lr}],
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.adam_eps,
+        weight_decay=0.0,
+        fused=fused,
+    )
+
+
+def build_optimizers(
+    model: nn.Module, cfg: TrainConfig, tie_embeddings: bool
+) -> list[torch.optim.Optimizer]:
+    """One optimizer per non-empty role, in the order embedding, head, matrix, scalar."""
+    groups = {role: [p for _, p in named] for role, named in params_by_role(model).items()}
+    optimizers: list[torch.optim.Optimizer] = []
+    if groups["embedding"]:
+        lr = cfg.tied_embed_lr if tie_embeddings else cfg.embed_lr
+        optimizers.append(_adam(groups["embedding"], lr, cfg))
+    if groups["head"]:
+        optimizers.append(_adam(groups["head"], cfg.head_lr, cfg))
+    if groups["matrix"]:
+        muon = Muon(
+            groups["matrix"],
+            lr=cfg.matrix_lr,
+            momentum=cfg.muon_momentum,
+            backend_steps=cfg.muon_backend_steps,
+        )
+        for group in muon.param_groups:
+            group["base_lr"] = cfg.matrix_lr
+        optimizers.append(muon)
+    if groups["scalar"]:
+        optimizers.append(_adam(groups["scalar"], cfg.scalar_lr, cfg))
+    return optimizers
+
+
+def set_lr_scale(optimizers: Iterable[torch.optim.Optimizer], scale: float) -> None:
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * scale
+
+
+def muon_momentum_at(step: int, cfg: TrainConfig) -> float:
+    """Muon's momentum at `step`: linear from the warm-up start to its final value, then flat."""
+    if cfg.muon_momentum_warmup_steps <= 0:
+        return cfg.muon_momentum
+    frac = min(step / cfg.muon_momentum_warmup_steps, 1.0)
+    return (1 - frac) * cfg.muon_momentum_warmup_start + frac * cfg.muon_momentum
+
+
+def set_muon_momentum(optimizers: Iterable[torch.optim.Optimizer], momentum: float) -> None:
+    for opt in optimizers:
+        if isinstance(opt, Muon):
+            for group in opt.param_groups:
+                group["momentum"] = momentum
+
+
+def maybe_clip_grads(params: Iterable[nn.Parameter], max_norm: float) -> None:
+    """Global-norm clipping over all parameters; max_norm <= 0 means off (the baseline)."""
+    if max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(list(params), max_norm)

@@ -1,0 +1,224 @@
+"""The baseline GPT against SPEC §4.1–§4.2: size, causality, init, roles, RoPE, GQA and loss."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pgolf.config import ModelConfig
+from pgolf.model.gpt import GPT, count_parameters
+from pgolf.model.layers import Rotary, apply_rotary
+from pgolf.model.roles import ROLES, params_by_role, role_of
+
+TINY = ModelConfig(vocab_size=97, num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # These matmuls are tiny: on a busy 2-core box, intra-op thread hand-offs made a forward
+    # 35x slower (60 ms vs 1.7 ms). Restored afterwards so other test files are unaffected.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(**changes) -> GPT:
+    torch.manual_seed(0)
+    return GPT(dataclasses.replace(TINY, **changes))
+
+
+def randomize(model: GPT, seed: int = 1, scale: float = 0.1) -> GPT:
+    """Move every parameter off its init: zero-init projections would hide attention bugs."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def tokens(b: int, t: int, seed: int = 2, vocab: int = TINY.vocab_size) -> torch.Tensor:
+    return torch.randint(0, vocab, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+def test_baseline_config_has_the_official_parameter_count():
+    with torch.device("meta"):
+        model = GPT(ModelConfig())
+    assert count_parameters(model) == 17_059_912  # BASE/train.log
+
+
+def test_state_dict_uses_the_official_names_and_holds_no_rope_tables():
+    names = set(tiny(num_layers=2).state_dict())
+    block = {"attn_scale", "mlp_scale", "resid_mix", "attn.q_gain", "attn.c_q.weight"}
+    block |= {"attn.c_k.weight", "attn.c_v.weight", "attn.proj.weight"}
+    block |= {"mlp.fc.weight", "mlp.proj.weight"}
+    per_block = {f"blocks.{i}.{n}" for i in (0, 1) for n in block}
+    expected = {"tok_emb.weight", "skip_weights"} | per_block
+    assert names == expected
+
+
+def test_same_seed_gives_the_same_initial_weights():
+    a, b = tiny().state_dict(), tiny().state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("num_kv_heads", [1, 2, 4])
+def test_logits_at_a_position_ignore_every_later_token(num_kv_heads):
+    model = randomize(tiny(num_kv_heads=num_kv_heads)).eval()
+    x = tokens(2, 24)
+    with torch.no_grad():
+        base = model(x)
+        for t in (0, 5, 11, 22):
+            changed = x.clone()
+            changed[:, t + 1 :] = (changed[:, t + 1 :] + 1 + t) % TINY.vocab_size
+            out = model(changed)
+            torch.testing.assert_close(out[:, : t + 1], base[:, : t + 1], atol=1e-6, rtol=0)
+            # ...while the changed positions do see the change (the check above is not vacuous).
+            assert not torch.allclose(out[:, t + 1], base[:, t + 1], atol=1e-4)
+
+
+def _blockless_logits(model: GPT, x: torch.Tensor) -> torch.Tensor:
+    emb = model.tok_emb.weight
+    z = F.rms_norm(F.rms_norm(emb[x], (emb.size(1),)), (emb.size(1),)) @ emb.T
+    cap = model.cfg.logit_softcap
+    return cap * torch.tanh(z / cap)
+
+
+def test_fresh_single_block_is_exactly_the_identity():
+    # resid_mix = (1, 0) and zero-init attn/MLP projections leave x untouched, bit for bit.
+    model = tiny(num_layers=1)
+    x = tokens(2, 16)
+    with torch.no_grad():
+        assert torch.equal(model(x), _blockless_logits(model, x))
+
+
+def test_fresh_unet_only_rescales_the_stream():
+    # With identity blocks each skip adds a copy of x, so the stream is k·x and the final
+    # RMSNorm removes k: equal up to rounding.
+    model = tiny(num_layers=5)
+    x = tokens(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _blockless_logits(model, x), atol=1e-6, rtol=1e-5)
+
+
+def test_decoder_blocks_receive_the_mirrored_encoder_outputs():
+    # L = 5: encoder blocks 0, 1; decoder 2, 3, 4. Block 2 gets block 1's output, block 3 gets
+    # block 0's, block 4 gets no skip.
+    model = randomize(tiny(num_layers=5))
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for i, block in enumerate(model.blocks):
+        block.register_forward_hook(lambda _m, args, out, i=i: seen.__setitem__(i, (args[0], out)))
+    with torch.no_grad():
+        model(tokens(2, 10))
+    w = model.skip_weights
+    torch.testing.assert_close(seen[2][0], seen[1][1] + w[0] * seen[1][1])
+    torch.testing.assert_close(seen[3][0], seen[2][1] + w[1] * seen[0][1])
+    assert torch.equal(seen[4][0], seen[3][1])
+
+
+def test_initial_values_follow_the_spec():
+    model = tiny(tie_embeddings=False)
+    block = model.blocks[0]
+    assert torch.equal(block.resid_mix, torch.stack((torch.ones(64), torch.zeros(64))))
+    assert torch.equal(block.attn.q_gain, torch.full((4,), TINY.qk_gain_init))
+    assert torch.equal(model.skip_weights, torch.ones(2, 64))
+    for zeroed in (block.attn.proj.weight, block.mlp.proj.weight, model.lm_head.weight):
+        assert not zeroed.any()
+    assert block.attn.c_q.weight.abs().max() <= 64**-0.5  # Kaiming-uniform bound 1/sqrt(fan_in)
+    tied = tiny(vocab_size=4096, model_dim=256, num_heads=4, num_kv_heads=4)
+    assert tied.tok_emb.weight.std().item() == pytest.approx(TINY.tied_embed_init_std, rel=0.02)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_every_parameter_has_the_expected_role(tie):
+    model = tiny(tie_embeddings=tie)
+    groups = params_by_role(model)  # raises if any parameter lacks a role
+    counts = {role: len(groups[role]) for role in ROLES}
+    L = TINY.num_layers
+    assert counts == {"matrix": 6 * L, "embedding": 1, "head": 0 if tie else 1, "scalar": 4 * L + 1}
+    assert all(p.ndim == 2 for _, p in groups["matrix"])
+    assert role_of(model.tok_emb.weight) == "embedding"
+    if not tie:
+        assert role_of(model.lm_head.weight) == "head"
+
+
+def test_logits_never_exceed_the_softcap():
+    model = randomize(tiny(), scale=2.0)
+    x = tokens(2, 16)
+    with torch.no_grad():
+        capped = model(x)
+        model.logit_softcap = 0.0  # <= 0 turns the cap off
+        raw = model(x)
+    assert capped.dtype == torch.float32 and capped.shape == (2, 16, TINY.vocab_size)
+    assert raw.abs().max() > TINY.logit_softcap  # the cap is actually exercised
+    assert capped.abs().max() <= TINY.logit_softcap
+    torch.testing.assert_close(capped, 30.0 * torch.tanh(raw / 30.0))
+
+
+def test_gqa_equals_mha_with_each_kv_head_shared_by_its_query_group():
+    gqa = randomize(tiny(num_kv_heads=2))
+    mha = tiny(num_kv_heads=4)
+    state = gqa.state_dict()
+    head_dim = TINY.model_dim // TINY.num_heads
+    for name in list(state):
+        if name.endswith(("c_k.weight", "c_v.weight")):
+            # query heads 0,1 read kv head 0 and heads 2,3 read kv head 1 (repeat_interleave).
+            per_head = state[name].reshape(2, head_dim, -1)
+            state[name] = per_head.repeat_interleave(2, dim=0).reshape(4 * head_dim, -1)
+    mha.load_state_dict(state)
+    x = tokens(2, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(mha(x), gqa(x), atol=1e-5, rtol=1e-5)
+
+
+def test_rope_is_identity_at_position_zero_and_pairs_dim_j_with_j_plus_half():
+    hd = 16
+    rotary = Rotary(hd, base=10_000.0)
+    cos, sin = rotary(8, torch.float32)
+    q = torch.randn(1, 2, 8, hd)
+    out = apply_rotary(q, cos, sin)
+    assert torch.equal(out[:, :, 0], q[:, :, 0])
+    # A vector on dim j only moves within the plane (j, j + hd/2), by angle p·base^(-2j/hd).
+    j, p = 3, 5
+    e = torch.zeros(1, 1, 8, hd)
+    e[..., j] = 1.0
+    rotated = apply_rotary(e, cos, sin)[0, 0, p]
+    angle = torch.tensor(p * 10_000.0 ** (-2 * j / hd))
+    expected = torch.zeros(hd)
+    expected[j], expected[j + hd // 2] = torch.cos(angle), -torch.sin(angle)  # upstream's sign
+    torch.testing.assert_close(rotated, expected)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    hd = 32
+    cos, sin = Rotary(hd, base=10_000.0)(40, torch.float64)
+    q, k = torch.randn(hd, dtype=torch.float64), torch.randn(hd, dtype=torch.float64)
+    q_all = apply_rotary(q.expand(1, 1, 40, hd), cos, sin)[0, 0]
+    k_all = apply_rotary(k.expand(1, 1, 40, hd), cos, sin)[0, 0]
+    for m, n in ((7, 3), (30, 26), (4, 0)):
+        torch.testing.assert_close(q_all[m] @ k_all[n], q_all[m - n] @ k_all[0])
+
+
+def test_loss_is_the_mean_cross_entropy_of_the_logits():
+    model = randomize(tiny())
+    x, y = tokens(3, 12, seed=5), tokens(3, 12, seed=6)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(x).double(), dim=-1)
+        manual = -logp.gather(-1, y[..., None])[..., 0]
+        per_token = model.loss(x, y, reduction="none")
+        mean = model.loss(x, y)
+    assert per_token.shape == (3, 12)
+    torch.testing.assert_close(per_token.double(), manual, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mean, per_token.mean())
+
+
+def test_forward_traces_as_one_graph():
+    # The trainer compiles with fullgraph=True; a graph break here would fail it on GPU.
+    model = tiny()
+    compiled = torch.compile(model, backend="eager", fullgraph=True, dynamic=False)
+    x = tokens(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
