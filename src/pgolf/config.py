@@ -16,77 +16,17 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
+from pgolf.artifact.config import ExportConfig
+from pgolf.data.config import DataConfig
 from pgolf.errors import PgolfError
-
-
-def _env(name: str, default: Any) -> Any:
-    return field(default=default, metadata={"env": name})
-
-
-@dataclass
-class DataConfig:
-    path: str = _env("DATA_PATH", "")  # dataset directory: shards (+ tokenizer.model)
-    tokenizer: str = _env("TOKENIZER_PATH", "")  # default: DIR/tokenizer.model
-    train_glob: str = ""  # default: DIR/fineweb_train_*.bin
-    val_glob: str = ""  # default: DIR/fineweb_val_*.bin
-
-
-@dataclass
-class ModelConfig:
-    vocab_size: int = _env("VOCAB_SIZE", 1024)
-    num_layers: int = _env("NUM_LAYERS", 9)
-    model_dim: int = _env("MODEL_DIM", 512)
-    num_heads: int = _env("NUM_HEADS", 8)
-    num_kv_heads: int = _env("NUM_KV_HEADS", 4)
-    mlp_mult: float = _env("MLP_MULT", 2.0)
-    tie_embeddings: bool = _env("TIE_EMBEDDINGS", True)
-    rope_base: float = _env("ROPE_BASE", 10000.0)
-    logit_softcap: float = _env("LOGIT_SOFTCAP", 30.0)
-    qk_gain_init: float = _env("QK_GAIN_INIT", 1.5)
-    tied_embed_init_std: float = _env("TIED_EMBED_INIT_STD", 0.005)
-
-
-@dataclass
-class TrainConfig:
-    seed: int = _env("SEED", 1337)
-    iterations: int = _env("ITERATIONS", 20000)
-    max_wallclock_seconds: float = _env("MAX_WALLCLOCK_SECONDS", 600.0)  # 0 = no cap
-    train_batch_tokens: int = _env("TRAIN_BATCH_TOKENS", 524288)
-    train_seq_len: int = _env("TRAIN_SEQ_LEN", 1024)
-    grad_accum_steps: int = 0  # 0 = upstream rule 8 // world_size
-    warmdown_iters: int = _env("WARMDOWN_ITERS", 1200)
-    warmup_steps: int = _env("WARMUP_STEPS", 20)  # compile warm-up, run then undone
-    val_loss_every: int = _env("VAL_LOSS_EVERY", 0)  # 0 = only at the end
-    train_log_every: int = _env("TRAIN_LOG_EVERY", 50)
-    matrix_lr: float = _env("MATRIX_LR", 0.04)
-    scalar_lr: float = _env("SCALAR_LR", 0.04)
-    tied_embed_lr: float = _env("TIED_EMBED_LR", 0.05)
-    embed_lr: float = _env("EMBED_LR", 0.6)
-    head_lr: float = _env("HEAD_LR", 0.008)
-    muon_momentum: float = _env("MUON_MOMENTUM", 0.95)
-    muon_momentum_warmup_start: float = _env("MUON_MOMENTUM_WARMUP_START", 0.85)
-    muon_momentum_warmup_steps: int = _env("MUON_MOMENTUM_WARMUP_STEPS", 500)
-    muon_backend_steps: int = _env("MUON_BACKEND_STEPS", 5)
-    beta1: float = _env("BETA1", 0.9)
-    beta2: float = _env("BETA2", 0.95)
-    adam_eps: float = _env("ADAM_EPS", 1e-8)
-    grad_clip_norm: float = _env("GRAD_CLIP_NORM", 0.0)
-    compile: bool = _env("COMPILE", True)  # only takes effect on CUDA
-    checkpoint_every: int = 0  # steps between resumable checkpoints; 0 = end only
-
-
-@dataclass
-class EvalConfig:
-    eval_seq_len: int = _env("EVAL_SEQ_LEN", 0)  # 0 = train_seq_len
-    val_batch_tokens: int = _env("VAL_BATCH_SIZE", 524288)
-    max_val_tokens: int = 0  # 0 = the whole validation stream (a cap marks the report partial)
-
-
-@dataclass
-class ExportConfig:
-    codec: str = "int8-zlib"  # the official baseline export (SPEC §4.8)
+from pgolf.eval.config import EvalConfig
+from pgolf.model.config import ModelConfig
+from pgolf.train.config import TrainConfig
 
 
 @dataclass
@@ -106,7 +46,14 @@ class RunConfig:
         return hashlib.sha256(blob).hexdigest()
 
 
-SECTIONS = ("data", "model", "train", "eval", "export")
+SECTION_TYPES = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "export": ExportConfig,
+}
+SECTIONS = tuple(SECTION_TYPES)
 
 
 def _parse_value(text: str, target_type: type, where: str) -> Any:
@@ -177,7 +124,7 @@ def env_overrides(environ: dict[str, str] | None = None) -> list[tuple[str, str,
     environ = os.environ if environ is None else environ
     found = []
     for section in SECTIONS:
-        for f in dataclasses.fields(globals()[section.capitalize() + "Config"]):
+        for f in dataclasses.fields(SECTION_TYPES[section]):
             name = f.metadata.get("env")
             if name and name in environ:
                 found.append((section, f.name, environ[name]))

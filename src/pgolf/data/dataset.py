@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pgolf.config import DataConfig
+from pgolf.data.config import DataConfig
 from pgolf.data.shards import find_shards, read_header
 from pgolf.errors import PgolfError
 
