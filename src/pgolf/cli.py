@@ -125,6 +125,11 @@ def cmd_run(args: argparse.Namespace) -> None:
         elif args.preset == "demo" and not os.environ.get("DATA_PATH"):
             assignments.append(f"data.path={_ensure_demo_data(world)}")
         cfg = resolve_config(args.preset, assignments)
+        if cfg.illegal and not args.allow_illegal:
+            raise PgolfError(
+                f"preset {cfg.preset} reproduces an illegal submission ({cfg.illegal}); "
+                "pass --allow-illegal to run it for research (the report will say so)"
+            )
         stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
         run_dir = Path(args.out or Path("runs") / f"{args.preset}_{stamp}")
         report = run_pipeline(run_dir, cfg, world, echo=not args.json)
@@ -223,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
     p.add_argument("--data", metavar="DIR", help="dataset directory (default for demo: built)")
     p.add_argument("--out", metavar="RUN", help="run directory (default runs/PRESET_TIME)")
+    p.add_argument(
+        "--allow-illegal", action="store_true", help="run a preset that breaks the rules (research)"
+    )
     _add_json(p)
     p.set_defaults(func=cmd_run)
 

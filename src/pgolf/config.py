@@ -32,6 +32,8 @@ from pgolf.train.config import TrainConfig
 @dataclass
 class RunConfig:
     preset: str = "baseline"
+    # Non-empty for presets that reproduce a ruled-illegal submission (SPEC §1.4): the reason.
+    illegal: str = ""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -110,7 +112,7 @@ def load_preset(name: str) -> RunConfig:
         table = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise PgolfError(f"preset {name}: invalid TOML ({exc})") from None
-    cfg = RunConfig(preset=name)
+    cfg = RunConfig(preset=name, illegal=str(table.pop("illegal", "")))
     for section, values in table.items():
         if not isinstance(values, dict):
             raise PgolfError(f"preset {name}: top-level key {section!r} must be a [section]")
@@ -160,7 +162,7 @@ def resolve_config(
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
     """Rebuild a config written by `RunConfig.to_dict` (a run's config.json)."""
-    cfg = RunConfig(preset=data.get("preset", "baseline"))
+    cfg = RunConfig(preset=data.get("preset", "baseline"), illegal=data.get("illegal", ""))
     for section in SECTIONS:
         for key, value in data.get(section, {}).items():
             _set_field(cfg, section, key, value, "config.json")
