@@ -132,7 +132,9 @@ def cmd_run(args: argparse.Namespace) -> None:
             )
         stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
         run_dir = Path(args.out or Path("runs") / f"{args.preset}_{stamp}")
-        report = run_pipeline(run_dir, cfg, world, echo=not args.json)
+        report = run_pipeline(
+            run_dir, cfg, world, echo=not args.json, allow_illegal=args.allow_illegal
+        )
     finally:
         shutdown(world)
     if world.is_main:
@@ -156,7 +158,9 @@ def _stage(args: argparse.Namespace, fn, **kwargs) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from pgolf.run import train_stage
 
-    _stage(args, train_stage, resume=args.resume, echo=not args.json)
+    _stage(
+        args, train_stage, resume=args.resume, echo=not args.json, allow_illegal=args.allow_illegal
+    )
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
@@ -237,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train (or resume) the run in RUN")
     p.add_argument("run", metavar="RUN")
     p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint")
+    p.add_argument("--allow-illegal", action="store_true", help="allow rule-breaking settings")
     _add_json(p)
     p.set_defaults(func=cmd_train)
 

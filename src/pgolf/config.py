@@ -24,7 +24,7 @@ except ModuleNotFoundError:  # Python 3.10
 from pgolf.artifact.config import ExportConfig
 from pgolf.data.config import DataConfig
 from pgolf.errors import PgolfError
-from pgolf.eval.config import EvalConfig
+from pgolf.eval.config import EvalConfig, validate_eval_config
 from pgolf.model.config import ModelConfig
 from pgolf.train.config import TrainConfig
 
@@ -171,6 +171,7 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
 
 def validate_config(cfg: RunConfig) -> None:
     m, t = cfg.model, cfg.train
+    validate_eval_config(cfg.eval)
     checks = [
         (m.num_layers >= 1, "model.num_layers must be ≥ 1"),
         (m.model_dim % m.num_heads == 0, "model.model_dim must be divisible by model.num_heads"),

@@ -11,6 +11,7 @@ RUN/report.json      the numbers: BPB, bytes, time split, compliance
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -28,8 +29,9 @@ from pgolf.data.shards import load_tokens
 from pgolf.data.tokenizer import build_byte_tables, check_vocab_fits, load_tokenizer
 from pgolf.dist import World, barrier
 from pgolf.errors import PgolfError
-from pgolf.eval.bpb import BpbSums, TorchByteTables
-from pgolf.eval.score import score_nonoverlapping
+from pgolf.eval.bpb import TorchByteTables
+from pgolf.eval.evaluate import evaluate
+from pgolf.eval.prequant import prequant_ttt
 from pgolf.fileio import write_text_atomic
 from pgolf.model.gpt import GPT
 from pgolf.runlog import RunLog, code_bytes, imported_source_files
@@ -101,14 +103,22 @@ def eval_seq_len(cfg: RunConfig) -> int:
     return cfg.eval.eval_seq_len or cfg.train.train_seq_len
 
 
-def score_model(model: torch.nn.Module, cfg: RunConfig, data: EvalData, world: World) -> BpbSums:
-    return score_nonoverlapping(
-        model, data.tokens, eval_seq_len(cfg), cfg.eval.val_batch_tokens, data.byte_tables, world
+def score_without_ttt(model: torch.nn.Module, cfg: RunConfig, data: EvalData, world: World) -> dict:
+    """The run's evaluation mode (non-overlapping or sliding) with test-time training off."""
+    plain = dataclasses.replace(cfg.eval, ttt_enabled=False)
+    return evaluate(
+        model, data.tokens, data.byte_tables, plain, world, train_seq_len=cfg.train.train_seq_len
     )
 
 
 # -- stages ----------------------------------------------------------------------------------
-def train_stage(run_dir: Path, world: World, resume: bool = False, echo: bool = True) -> dict:
+def train_stage(
+    run_dir: Path,
+    world: World,
+    resume: bool = False,
+    echo: bool = True,
+    allow_illegal: bool = False,
+) -> dict:
     cfg = load_run_config(run_dir)
     files = resolve_dataset(cfg.data)
     log = RunLog(run_dir, enabled=world.is_main, echo=echo)
@@ -116,12 +126,28 @@ def train_stage(run_dir: Path, world: World, resume: bool = False, echo: bool = 
     trainer = Trainer(cfg, files, world, run_dir, log)
     log.header(cfg.to_dict(), str(world.device), world.world_size)
     result = trainer.run(resume=resume)
-    pre = score_model(trainer.model, cfg, eval_data, world)
-    log.metrics(step=result.steps, eval_mode="pre_quant", val_loss=pre.loss, val_bpb=pre.bpb)
+    extra = {}
+    if cfg.eval.prequant_ttt_enabled:
+        # Research only (SPEC §5.30): trains on validation tokens before they are scored.
+        extra["prequant_ttt"] = prequant_ttt(
+            trainer.model,
+            eval_data.tokens,
+            cfg.eval,
+            world,
+            seq_len=eval_seq_len(cfg),
+            allow_illegal=allow_illegal,
+            progress=echo,
+        )
+        log.text(f"ILLEGAL pre-quant TTT on validation data: {extra['prequant_ttt']['reason']}")
+        trainer.save_weights()
+    pre = score_without_ttt(trainer.model, cfg, eval_data, world)
+    log.metrics(
+        step=result.steps, eval_mode="pre_quant", val_loss=pre["val_loss"], val_bpb=pre["val_bpb"]
+    )
     log.text(
         f"stopped by {result.stopped_by} at step {result.steps}: train_time "
-        f"{result.train_time_ms / 1000:.1f}s pre_quant val_loss {pre.loss:.4f} "
-        f"val_bpb {pre.bpb:.4f}"
+        f"{result.train_time_ms / 1000:.1f}s pre_quant val_loss {pre['val_loss']:.4f} "
+        f"val_bpb {pre['val_bpb']:.4f}"
     )
     return update_report(
         run_dir,
@@ -132,13 +158,14 @@ def train_stage(run_dir: Path, world: World, resume: bool = False, echo: bool = 
         final_train_loss=result.final_train_loss,
         train_time_s=result.train_time_ms / 1000,
         calib_time_s=0.0,
-        pre_quant_val_loss=pre.loss,
-        pre_quant_val_bpb=pre.bpb,
+        pre_quant_val_loss=pre["val_loss"],
+        pre_quant_val_bpb=pre["val_bpb"],
         seed=cfg.train.seed,
         world_size=world.world_size,
         device=str(world.device),
         pgolf_version=pgolf.__version__,
         config_sha256=cfg.sha256(),
+        **extra,
     )
 
 
@@ -182,35 +209,57 @@ def eval_stage(run_dir: Path, world: World, echo: bool = True) -> dict:
     eval_data = EvalData(cfg, files, world.device)
     t0 = time.perf_counter()
     model = load_artifact_model(run_dir, cfg, world.device)
-    sums = score_model(model, cfg, eval_data, world)
-    if world.is_cuda:
-        torch.cuda.synchronize(world.device)
-    eval_time_s = time.perf_counter() - t0
-    log.metrics(eval_mode="nonoverlapping", val_loss=sums.loss, val_bpb=sums.bpb)
-    log.text(f"final int8 round-trip val_loss {sums.loss:.6f} val_bpb {sums.bpb:.6f}")
+    result = evaluate(
+        model,
+        eval_data.tokens,
+        eval_data.byte_tables,
+        cfg.eval,
+        world,
+        train_seq_len=cfg.train.train_seq_len,
+        progress=echo,
+        started_at=t0,
+    )
+    eval_time_s = result["time"]["total_s"]
+    log.metrics(
+        eval_mode=result["eval_mode"], val_loss=result["val_loss"], val_bpb=result["val_bpb"]
+    )
+    log.text(
+        f"final artifact {result['eval_mode']} val_loss {result['val_loss']:.6f} "
+        f"val_bpb {result['val_bpb']:.6f}" + (" (score-first TTT, s_0)" if result["ttt"] else "")
+    )
     report = read_report(run_dir)
     bytes_code = code_bytes(imported_source_files())
     bytes_total = bytes_code + int(report.get("bytes_model", 0))
-    covered = eval_data.covers_all
+    rules = {**compliance(report, bytes_total, eval_time_s, world), **result["compliance"]}
+    if not eval_data.covers_all:
+        rules["full_validation_coverage"] = {
+            "ok": False,
+            "detail": f"eval.max_val_tokens={cfg.eval.max_val_tokens} cut the validation stream",
+        }
+    if report.get("prequant_ttt"):
+        rules["score_first"] = {"ok": False, "detail": report["prequant_ttt"]["reason"]}
     return update_report(
         run_dir,
         world,
-        val_loss=sums.loss,
-        val_bpb=sums.bpb,
-        val_tokens=int(sums.tokens),
-        val_bytes=int(sums.bytes),
-        eval_mode="nonoverlapping",
-        eval_seq_len=eval_seq_len(cfg),
+        val_loss=result["val_loss"],
+        val_bpb=result["val_bpb"],
+        val_tokens=result["val_tokens"],
+        val_bytes=result["val_bytes"],
+        eval_mode=result["eval_mode"],
+        eval_seq_len=result["eval_seq_len"],
+        eval_stride=result["eval_stride"],
+        coverage=result["coverage"],
         eval_time_s=eval_time_s,
+        eval_time=result["time"],
         bytes_code=bytes_code,
         bytes_total=bytes_total,
-        ttt=None,
-        compliance=compliance(report, bytes_total, eval_time_s, covered, world),
+        ttt=result["ttt"],
+        compliance=rules,
     )
 
 
 def compliance(
-    report: dict, bytes_total: int, eval_time_s: float, covered: bool, world: World
+    report: dict, bytes_total: int, eval_time_s: float, world: World
 ) -> dict[str, dict[str, Any]]:
     on_record_hardware = world.is_cuda and world.world_size == 8
     hardware_note = (
@@ -235,16 +284,14 @@ def compliance(
             "ok": eval_time_s <= TIME_CAP_S,
             "detail": f"{eval_time_s:.1f} s from artifact load to score{hardware_note}",
         },
-        "full_validation_set": {
-            "ok": covered,
-            "detail": "every validation target scored" if covered else "eval.max_val_tokens cut it",
-        },
     }
 
 
-def run_pipeline(run_dir: Path, cfg: RunConfig, world: World, echo: bool = True) -> dict:
+def run_pipeline(
+    run_dir: Path, cfg: RunConfig, world: World, echo: bool = True, allow_illegal: bool = False
+) -> dict:
     create_run_dir(run_dir, cfg, world)
-    train_stage(run_dir, world, echo=echo)
+    train_stage(run_dir, world, echo=echo, allow_illegal=allow_illegal)
     export_stage(run_dir, world)
     return eval_stage(run_dir, world, echo=echo)
 

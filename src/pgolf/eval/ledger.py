@@ -1,0 +1,82 @@
+"""The ledger of scored targets: the one gate between the validation stream and TTT training.
+
+SPEC §1.4 allows test-time training only on validation tokens that have already been scored, and
+each token must be scored exactly once. Rather than trusting loop order, the ledger records every
+scored target index and is the only way training code obtains tokens: `release(lo, hi)` returns
+the tokens needed to train on targets [lo, hi) and raises `LedgerViolation` if any of them (or the
+input token before them) has not been scored yet. `record` raises if a target is scored twice.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pgolf.dist import World
+
+
+class LedgerViolation(RuntimeError):
+    """An evaluation broke score-first or score-once: a bug, never a user error."""
+
+
+class ScoredLedger:
+    """One flag per target of the stream: scored or not (a bitmap: 62 MB for the full val set)."""
+
+    def __init__(self, tokens: np.ndarray):
+        self._tokens = tokens
+        self.num_targets = max(len(tokens) - 1, 0)
+        self._scored = np.zeros(self.num_targets, dtype=bool)
+
+    def _check_range(self, lo: int, hi: int) -> None:
+        if not 0 <= lo <= hi <= self.num_targets:
+            raise ValueError(f"target range [{lo}, {hi}) outside [0, {self.num_targets})")
+
+    def record(self, lo: int, hi: int) -> None:
+        """Mark targets [lo, hi) as scored by this process."""
+        self._check_range(lo, hi)
+        seen = self._scored[lo:hi]
+        if seen.any():
+            first = lo + int(np.argmax(seen))
+            raise LedgerViolation(f"target {first} scored a second time (range [{lo}, {hi}))")
+        self._scored[lo:hi] = True
+
+    def merge_ranks(self, lo: int, hi: int, world: World) -> None:
+        """Make [lo, hi) the union of what every rank scored there (a collective call).
+
+        Each rank records only the windows it scored; training on a chunk needs to know the chunk
+        was scored as a whole. A sum above 1 means two ranks scored the same target.
+        """
+        self._check_range(lo, hi)
+        if not world.distributed:
+            return
+        dtype = torch.uint8 if world.world_size < 256 else torch.int32
+        counts = torch.from_numpy(self._scored[lo:hi].astype(np.uint8)).to(world.device, dtype)
+        torch.distributed.all_reduce(counts)
+        merged = counts.cpu().numpy()
+        if (merged > 1).any():
+            first = lo + int(np.argmax(merged > 1))
+            raise LedgerViolation(f"target {first} scored by more than one rank")
+        self._scored[lo:hi] = merged > 0
+
+    def is_scored(self, lo: int, hi: int) -> bool:
+        self._check_range(lo, hi)
+        return bool(self._scored[lo:hi].all())
+
+    @property
+    def count(self) -> int:
+        return int(self._scored.sum())
+
+    def release(self, lo: int, hi: int) -> np.ndarray:
+        """Tokens lo … hi (hi − lo + 1 of them) for training on targets [lo, hi), if all scored.
+
+        Input token lo is itself target lo − 1 (unless lo = 0), so it must have been scored too.
+        """
+        self._check_range(lo, hi)
+        first_needed = max(lo - 1, 0)
+        needed = self._scored[first_needed:hi]
+        if not needed.all():
+            first = first_needed + int(np.argmin(needed))
+            raise LedgerViolation(
+                f"training on targets [{lo}, {hi}) would use target {first}, not yet scored"
+            )
+        return np.asarray(self._tokens[lo : hi + 1], dtype=np.int64)
