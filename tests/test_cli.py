@@ -114,3 +114,22 @@ def test_run_end_to_end_writes_the_run_directory_and_an_honest_report(
     assert code == 2 and "already exists" in err
     code, out, _ = _run_cli(["eval", str(run), "--json"], capsys)
     assert code == 0 and json.loads(out)["val_bpb"] == report["val_bpb"]
+
+
+def test_mixed_gptq_export_end_to_end(tiny_dataset, tmp_path, capsys):
+    run = tmp_path / "mixed"
+    code, out, err = _run_cli(
+        ["run", "--preset", "baseline", "--data", str(tiny_dataset), "--out", str(run), "--json",
+         *TINY, "--set", "export.codec=mixed", "--set", "export.calib_batches=2",
+         "--set", "export.keep_float_max_numel=1024", "--set", "export.compressor=rans"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["calib_time_s"] > 0 and report["calibration"]["calib_source"] == "train"
+    assert report["quant"]["gptq_fallbacks"] == {}
+    assert (run / "quant_report.json").is_file()
+    assert report["bytes_model"] == (run / "artifact.pgolf").stat().st_size
+    # int6 GPTQ of a 2-layer model: smaller than the int8 artifact, and still close to float
+    assert abs(report["val_bpb"] - report["pre_quant_val_bpb"]) < 0.1
+    assert "calibration" in report["compliance"]["training_under_600s"]["detail"]

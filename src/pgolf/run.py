@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 import pgolf
 from pgolf.artifact.container import read_artifact, write_artifact
-from pgolf.artifact.int8 import dequantize_state_dict_int8, quantize_state_dict_int8
+from pgolf.artifact.int8 import quantize_state_dict_int8
 from pgolf.config import RunConfig, config_from_dict, validate_config
 from pgolf.data.dataset import DatasetFiles, resolve_dataset
 from pgolf.data.shards import load_tokens
@@ -34,13 +35,27 @@ from pgolf.eval.evaluate import evaluate
 from pgolf.eval.prequant import prequant_ttt
 from pgolf.fileio import write_text_atomic
 from pgolf.model.gpt import GPT
+from pgolf.quant.export import dequantize_artifact
+from pgolf.quant.pipeline import calibrate, export_mixed
 from pgolf.runlog import RunLog, code_bytes, imported_source_files
-from pgolf.train.trainer import Trainer
+from pgolf.train.trainer import WEIGHTS_NAME, Trainer
 
 ARTIFACT_NAME = "artifact.pgolf"
 BYTES_CAP = 16_000_000  # decimal bytes (SPEC §1.2), not 16 MiB
 TIME_CAP_S = 600.0
-ARTIFACT_CODECS = {"int8-zlib": "zlib"}
+EXPORT_CODECS = ("int8-zlib", "mixed")
+# The small part of the quantizer report that goes into report.json (the rest: quant_report.json)
+QUANT_SUMMARY_KEYS = (
+    "bytes_per_class",
+    "int_values_bytes",
+    "int_values_entropy_bytes",
+    "gptq_fallbacks",
+    "quant_error",
+    "quantize_time_s",
+    "target_bytes",
+    "compressor",
+    "pruned",
+)
 
 
 # -- run directory ---------------------------------------------------------------------------
@@ -170,30 +185,48 @@ def train_stage(
 
 
 def export_stage(run_dir: Path, world: World) -> dict:
-    """Quantize the trained float weights and write the compressed artifact."""
-    from safetensors.torch import load_file
+    """Quantize the trained float weights and write the compressed artifact.
 
+    `int8-zlib` is the official baseline export; `mixed` is pgolf.quant (GPTQ, per-role bits,
+    fit-to-budget, per-section codecs). Calibration that reads training data is timed as
+    `calib_time_s` and charged to the training budget.
+    """
     cfg = load_run_config(run_dir)
-    codec = ARTIFACT_CODECS.get(cfg.export.codec)
-    if codec is None:
-        raise PgolfError(
-            f"unknown export.codec {cfg.export.codec!r}; available: {list(ARTIFACT_CODECS)}"
-        )
-    weights = Path(run_dir) / "model.safetensors"
+    if cfg.export.codec not in EXPORT_CODECS:
+        raise PgolfError(f"unknown export.codec {cfg.export.codec!r}; available: {EXPORT_CODECS}")
+    weights = Path(run_dir) / WEIGHTS_NAME
     if not weights.is_file():
         raise PgolfError(f"{weights}: no trained weights; run `pgolf train {run_dir}` first")
-    if world.is_main:
-        arrays, meta = quantize_state_dict_int8(load_file(weights))
-        meta = {"format": cfg.export.codec, **meta}
-        write_artifact(Path(run_dir) / ARTIFACT_NAME, arrays, meta, codec=codec)
+    artifact = Path(run_dir) / ARTIFACT_NAME
+    fields: dict[str, Any] = {}
+    if cfg.export.codec == "int8-zlib":
+        if world.is_main:
+            arrays, meta = quantize_state_dict_int8(load_file(weights))
+            write_artifact(artifact, arrays, {"format": cfg.export.codec, **meta}, codec="zlib")
+    else:
+        model = GPT(cfg.model)
+        model.load_state_dict(load_file(weights), strict=True)
+        model.to(world.device)
+        files = resolve_dataset(cfg.data)
+        hessians, calib = calibrate(model, cfg, files, world)
+        fields["calib_time_s"] = calib["calib_time_s"]
+        fields["calibration"] = {k: v for k, v in calib.items() if k != "calib_time_s"}
+        if world.is_main:
+            quant = export_mixed(
+                model, cfg.export, hessians, code_bytes(imported_source_files()), artifact
+            )
+            write_text_atomic(
+                Path(run_dir) / "quant_report.json", json.dumps(quant, indent=2) + "\n"
+            )
+            fields["quant"] = {k: v for k, v in quant.items() if k in QUANT_SUMMARY_KEYS}
     barrier(world)
-    bytes_model = (Path(run_dir) / ARTIFACT_NAME).stat().st_size
-    return update_report(run_dir, world, bytes_model=bytes_model)
+    fields["bytes_model"] = artifact.stat().st_size
+    return update_report(run_dir, world, **fields)
 
 
 def load_artifact_model(run_dir: Path, cfg: RunConfig, device: torch.device) -> GPT:
     arrays, meta = read_artifact(Path(run_dir) / ARTIFACT_NAME)
-    state = dequantize_state_dict_int8(arrays, meta)
+    state = dequantize_artifact(arrays, meta)
     model = GPT(cfg.model)
     model.load_state_dict(state, strict=True)
     return model.to(device)
@@ -270,7 +303,11 @@ def compliance(
             "8×H100 budget)"
         )
     )
-    train_s = float(report.get("train_time_s", math.nan))
+    # Calibration that reads training data is training (SPEC §1.3).
+    calib_s = float(report.get("calib_time_s", 0.0))
+    if report.get("calibration", {}).get("calib_source") != "train":
+        calib_s = 0.0
+    train_s = float(report.get("train_time_s", math.nan)) + calib_s
     return {
         "artifact_under_16mb": {
             "ok": bytes_total <= BYTES_CAP,
@@ -278,7 +315,7 @@ def compliance(
         },
         "training_under_600s": {
             "ok": train_s <= TIME_CAP_S,
-            "detail": f"{train_s:.1f} s counted training time{hardware_note}",
+            "detail": f"{train_s:.1f} s training incl. {calib_s:.1f} s calibration{hardware_note}",
         },
         "eval_under_600s": {
             "ok": eval_time_s <= TIME_CAP_S,

@@ -1,0 +1,146 @@
+"""Where calibration inputs come from: training shards or the model's own samples. Never val.
+
+The rules (SPEC §1.3, §1.2): validation data may not shape the artifact, and anything that reads
+training data counts as training time. So:
+- `train_batches` takes only official training shard names (`fineweb_train_NNNNNN.bin`) and refuses
+  a validation shard outright, whether it comes as a path list or inside a DistributedTokenLoader;
+  there is no switch that lets validation tokens through;
+- its caller times it (`timed`) and charges the seconds to training via the calibration reserve
+  (`export.gptq_reserve_seconds`).
+- `self_generated` (SPEC §5.23) samples sequences from the trained model itself: no data at all.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from pgolf.errors import PgolfError
+from pgolf.train.loader import DistributedTokenLoader
+
+_TRAIN_SHARD = re.compile(r"^fineweb_train_\d{6}\.bin$")
+
+
+def require_train_shards(paths: Sequence[str | Path], val_paths: Sequence[str | Path] = ()) -> None:
+    """Raise unless every path is an official training shard and none is a validation file."""
+    if not paths:
+        raise PgolfError("calibration: no training shards given")
+    val = {Path(p).resolve() for p in val_paths}
+    for p in map(Path, paths):
+        if "fineweb_val_" in p.name or p.resolve() in val:
+            raise PgolfError(
+                f"{p}: validation data cannot be a calibration source (SPEC §1.2: the artifact may "
+                "not be fitted to validation tokens)"
+            )
+        if not _TRAIN_SHARD.match(p.name):
+            raise PgolfError(
+                f"{p}: calibration reads only training shards named fineweb_train_NNNNNN.bin"
+            )
+
+
+def train_batches(
+    source: DistributedTokenLoader | Sequence[str | Path],
+    num_batches: int,
+    batch_tokens: int,
+    seq_len: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | str = "cpu",
+    val_paths: Sequence[str | Path] = (),
+) -> Iterator[Tensor]:
+    """`num_batches` input-id batches of `batch_tokens` (global) tokens from training shards.
+
+    Pass the trainer's loader to continue its stream (P1351: calibration sees fresh tokens) or a
+    list of shard paths for a fresh stream from the first shard (P639/S1060).
+    """
+    if isinstance(source, DistributedTokenLoader):
+        require_train_shards(source.stream.paths, val_paths)
+        loader = source
+    else:
+        require_train_shards(source, val_paths)
+        loader = DistributedTokenLoader(
+            [Path(p) for p in source], rank, world_size, torch.device(device)
+        )
+    if batch_tokens < seq_len * loader.world_size:
+        raise PgolfError(
+            f"calibration batch of {batch_tokens} tokens is smaller than one {seq_len}-token "
+            f"sequence per rank ({loader.world_size} ranks)"
+        )
+    for _ in range(num_batches):
+        x, _y = loader.next_batch(batch_tokens, seq_len, 1)
+        yield x
+
+
+StepFn = Callable[[Tensor], Tensor]  # token ids [B, t] -> next-token logits [B, V]
+
+
+def windowed_step(model: nn.Module, context: int = 0) -> StepFn:
+    """Next-token logits by re-running the model on the last `context` tokens (0 = all).
+
+    Model-agnostic, so it works for any architecture; with a fixed context the cost per token is
+    constant and generation is linear in length. With context 0 it is S1019's exact full
+    re-forward, quadratic in length. A model with a KV cache can pass its own step function.
+    """
+
+    def step(ids: Tensor) -> Tensor:
+        window = ids if context <= 0 else ids[:, -context:]
+        return model(window)[:, -1, :].float()
+
+    return step
+
+
+@torch.no_grad()
+def self_generated(
+    model: nn.Module,
+    count: int,
+    length: int,
+    *,
+    vocab_size: int,
+    temperature: float = 0.8,
+    seed: int = 1337,
+    batch_size: int = 8,
+    context: int = 0,
+    step_fn: StepFn | None = None,
+    device: torch.device | str = "cpu",
+) -> Iterator[Tensor]:
+    """Batches of `count` sequences × `length` tokens sampled from the model (SPEC §5.23).
+
+    First token uniform over the vocabulary, then softmax(logits / temperature), all draws from
+    one seeded generator, so the same model and seed give the same tokens.
+    """
+    if temperature <= 0:
+        raise PgolfError(f"self-generated calibration: temperature must be > 0, got {temperature}")
+    was_training = model.training
+    model.eval()
+    step = step_fn or windowed_step(model, context)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    try:
+        for start in range(0, count, batch_size):
+            b = min(batch_size, count - start)
+            ids = torch.randint(0, vocab_size, (b, 1), generator=gen, device=device)
+            for _ in range(length - 1):
+                probs = torch.softmax(step(ids) / temperature, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=gen)
+                ids = torch.cat([ids, nxt], dim=1)
+            yield ids
+    finally:
+        model.train(was_training)
+
+
+def timed(batches: Iterator[Tensor], clock: list[float]) -> Iterator[Tensor]:
+    """Pass batches through, adding the seconds spent producing *and* consuming them to clock[0].
+
+    Wrapping the batches handed to `collect_hessians` times the whole calibration (reading,
+    generating and the hooked forwards), which is what the training budget must cover.
+    """
+    t0 = time.perf_counter()
+    try:
+        yield from batches
+    finally:
+        clock[0] += time.perf_counter() - t0

@@ -1,0 +1,160 @@
+"""Quantise a whole model by plan (policy) into container arrays, and restore it (SPEC §5.19).
+
+Arrays for the container: an int tensor stores its int8 values under its own name and its float16
+row scales under `name + SCALE_SUFFIX`; float16 and raw tensors store themselves. `meta` records
+each tensor's scheme, original dtype and shape, so dequantisation restores a state dict that
+`load_state_dict(strict=True)` accepts. Meta dtype names are looked up in a fixed table, never
+resolved by attribute (the artifact is data, DESIGN).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from pgolf.artifact.config import ExportConfig
+from pgolf.artifact.container import array_to_tensor, tensor_to_array
+from pgolf.artifact.int8 import _TORCH_DTYPES, SCALE_SUFFIX, dequantize_state_dict_int8
+from pgolf.artifact.int8 import FORMAT as INT8_FORMAT
+from pgolf.errors import PgolfError
+from pgolf.model.roles import role_of
+from pgolf.quant.gptq import quantize_matrix
+from pgolf.quant.hessian import HessianCollector
+from pgolf.quant.policy import TensorPlan, gptq_options, plan_tensors
+
+FORMAT = "pgolf-mixed-v1"
+
+
+@dataclass
+class QuantizedModel:
+    arrays: dict[str, np.ndarray]
+    meta: dict
+    plans: dict[str, TensorPlan]
+    stats: dict[str, dict] = field(default_factory=dict)  # per int tensor: quantize_matrix stats
+    seconds: float = 0.0
+
+
+def parameter_roles(model: nn.Module) -> dict[str, str]:
+    return {name: role_of(p) for name, p in model.named_parameters()}
+
+
+def magnitude_prune(w: Tensor, pct: float) -> Tensor:
+    """Zero entries below the pct-th percentile of |w| (INT5 / P1004, SPEC §5.24)."""
+    if pct <= 0:
+        return w
+    a = w.abs().flatten()
+    k = max(1, int(round(a.numel() * pct / 100.0)))
+    threshold = torch.kthvalue(a, k).values
+    return torch.where(w.abs() < threshold, torch.zeros_like(w), w)
+
+
+def quantize_state(
+    state: dict[str, Tensor],
+    roles: dict[str, str],
+    cfg: ExportConfig,
+    hessians: dict[str, Tensor] | None = None,
+    gptq_capable: set[str] | None = None,
+) -> QuantizedModel:
+    """Quantise every tensor by its plan. GPTQ tensors without a Hessian are rounded to nearest
+    and say so in their stats (`fallback`), as are GPTQ's own failures.
+
+    `gptq_capable` (default: all) names the tensors that can have a Hessian at all, i.e. that are
+    applied as a linear map; others (bigram/VE tables) are simply rounded, which is no fallback.
+    """
+    plans = plan_tensors(state, roles, cfg)
+    if gptq_capable is not None:
+        plans = {
+            n: replace(p, gptq=False) if p.gptq and n not in gptq_capable else p
+            for n, p in plans.items()
+        }
+    options = gptq_options(cfg)
+    hessians = hessians or {}
+    arrays: dict[str, np.ndarray] = {}
+    entries: dict[str, dict] = {}
+    stats: dict[str, dict] = {}
+    for name, t in state.items():
+        if SCALE_SUFFIX in name:
+            raise PgolfError(f"state dict key {name!r} contains the reserved {SCALE_SUFFIX!r}")
+        plan = plans[name]
+        t = t.detach().to("cpu")
+        entry = {"scheme": plan.scheme, "dtype": str(t.dtype).removeprefix("torch.")}
+        entry["shape"] = list(t.shape)
+        if plan.scheme == "raw":
+            arrays[name] = tensor_to_array(t.contiguous())
+        elif plan.scheme == "float16":
+            arrays[name] = tensor_to_array(t.to(torch.float16).contiguous())
+        else:
+            w = magnitude_prune(t.float(), cfg.prune_pct)
+            h = hessians.get(name)
+            if plan.clip.method == "hsdclip" and h is None:
+                raise PgolfError(f"export.matrix_clip=hsdclip: no calibration Hessian for {name}")
+            opts = options if plan.gptq else None
+            q, scale, st = quantize_matrix(w, h, plan.bits, plan.clip, opts)
+            if plan.gptq and h is None:
+                st["fallback"] = "no calibration Hessian (layer never reached); rounded to nearest"
+            arrays[name] = q.numpy()
+            arrays[name + SCALE_SUFFIX] = scale.to(torch.float16).numpy()
+            entry.update(bits=plan.bits, qclass=plan.qclass)
+            stats[name] = st
+        entries[name] = entry
+    return QuantizedModel(arrays, {"format": FORMAT, "tensors": entries}, plans, stats)
+
+
+def dequantize_mixed(arrays: dict[str, np.ndarray], meta: dict) -> dict[str, Tensor]:
+    """Inverse of `quantize_state`: q · s per row in float32, then the original dtype."""
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else meta
+        raise PgolfError(f"artifact meta: format {found!r}, expected {FORMAT!r}")
+    out: dict[str, Tensor] = {}
+    for name, entry in meta.get("tensors", {}).items():
+        dtype = _TORCH_DTYPES.get(entry.get("dtype")) if isinstance(entry, dict) else None
+        if dtype is None:
+            raise PgolfError(f"artifact meta: tensor {name!r} has an invalid entry {entry!r}")
+        if name not in arrays:
+            raise PgolfError(f"artifact: tensor {name!r} is listed in meta but missing")
+        stored = array_to_tensor(arrays[name])
+        scheme = entry.get("scheme")
+        if scheme in ("raw", "float16"):
+            value = stored.to(dtype)
+        elif scheme == "int":
+            if name + SCALE_SUFFIX not in arrays:
+                raise PgolfError(f"artifact: quantised tensor {name!r} has no scales")
+            scale = array_to_tensor(arrays[name + SCALE_SUFFIX]).float()
+            if stored.ndim != 2 or scale.shape != (stored.shape[0],):
+                raise PgolfError(
+                    f"artifact: tensor {name!r} has {tuple(scale.shape)} scales for a "
+                    f"{tuple(stored.shape)} matrix"
+                )
+            value = (stored.float() * scale[:, None]).to(dtype)
+        else:
+            raise PgolfError(f"artifact meta: tensor {name!r} has unknown scheme {scheme!r}")
+        if list(value.shape) != entry.get("shape"):
+            raise PgolfError(
+                f"artifact: tensor {name!r} has shape {list(value.shape)}, "
+                f"meta says {entry.get('shape')!r}"
+            )
+        out[name] = value
+    return out
+
+
+def dequantize_artifact(arrays: dict[str, np.ndarray], meta: dict) -> dict[str, Tensor]:
+    """Either export format back to a float state dict (eval loads any artifact through this)."""
+    fmt = meta.get("format") if isinstance(meta, dict) else None
+    if fmt == INT8_FORMAT:
+        return dequantize_state_dict_int8(arrays, meta)
+    return dequantize_mixed(arrays, meta)
+
+
+def quantize_model(
+    model: nn.Module, cfg: ExportConfig, hessians: dict[str, Tensor] | None = None
+) -> QuantizedModel:
+    t0 = time.perf_counter()
+    state = dict(model.state_dict())
+    capable = set(HessianCollector(model).names)
+    qm = quantize_state(state, parameter_roles(model), cfg, hessians, capable)
+    qm.seconds = time.perf_counter() - t0
+    return qm

@@ -1,0 +1,217 @@
+"""GPTQ (SPEC §5.21): quantise a weight matrix column by column, pushing each column's rounding
+error onto the columns not yet quantised so that the layer's *output* on calibration inputs
+changes least: the minimised error is tr(ΔW H ΔWᵀ) with H = Σ xᵀx over the layer's inputs.
+
+`gptq_sweep` is the algorithm, a pure function of (W, H, scales, qmax, options). `quantize_matrix`
+adds the scale choice around it (clip rule; S1019/P639's "one full GPTQ pass per clip candidate";
+P610's least-squares scale refit) and is what the exporter calls.
+
+Seed variants (SPEC §9.6) are options, not forks: `order` (desc = act-order, natural, asc) and
+`feedback` ("cholesky", the exact upper Cholesky factor of H⁻¹, or "raw", rows of H⁻¹ itself as
+P610/P578/P1004 do, exact only for the first column). The exact algorithm is the default.
+
+Failure policy: if Cholesky fails, damping is raised tenfold (up to `max_damp_retries` times) and
+the final damping is reported; if it still fails the matrix is rounded to nearest and
+`stats["fallback"]` says so, so the exporter's report lists it (never silently).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from pgolf.quant import clip as cliprules
+from pgolf.quant.grid import dequantize, qmax_for, quantize_rtn, to_fp16_scale
+
+ORDERS = ("desc", "natural", "asc")
+FEEDBACKS = ("cholesky", "raw")
+
+
+@dataclass(frozen=True)
+class GPTQOptions:
+    block_size: int = 128
+    damp: float = 0.01  # added to diag(H) as a fraction of its mean
+    order: str = "desc"
+    feedback: str = "cholesky"
+    refit_scales: bool = False
+    max_damp_retries: int = 4
+    dtype: torch.dtype = torch.float32  # of the sweep; the factorisation is always float64
+
+    def __post_init__(self):
+        if self.order not in ORDERS:
+            raise ValueError(f"GPTQ order {self.order!r}: expected one of {ORDERS}")
+        if self.feedback not in FEEDBACKS:
+            raise ValueError(f"GPTQ feedback {self.feedback!r}: expected one of {FEEDBACKS}")
+        if self.block_size < 1 or self.damp < 0:
+            raise ValueError("GPTQ block_size must be ≥ 1 and damp ≥ 0")
+
+
+@dataclass(frozen=True)
+class ClipRule:
+    method: str = "sdclip"  # one of clip.CLIP_METHODS
+    sigmas: float = 12.85
+    percentile: float = 0.9999984
+    per_row: bool = False  # `search` only
+    hsd_lambda: float = 0.175
+
+    def __post_init__(self):
+        if self.method not in cliprules.CLIP_METHODS:
+            raise ValueError(f"clip {self.method!r}: expected one of {cliprules.CLIP_METHODS}")
+
+
+def _factor(h: Tensor, options: GPTQOptions) -> tuple[Tensor | None, dict]:
+    """Damped H → the matrix whose rows drive the error feedback, escalating damping on failure."""
+    mean_diag = float(h.diagonal().mean())
+    damp = options.damp
+    n = h.shape[0]
+    eye = torch.eye(n, dtype=torch.float64)
+    for attempt in range(options.max_damp_retries + 1):
+        chol, info = torch.linalg.cholesky_ex(h + damp * mean_diag * eye)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(chol)
+            if options.feedback == "raw":
+                return hinv, {"damp": damp, "damp_retries": attempt}
+            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info) == 0:
+                return upper, {"damp": damp, "damp_retries": attempt}
+        damp = damp * 10 if damp > 0 else 1e-6
+    return None, {"damp": damp / 10, "damp_retries": options.max_damp_retries}
+
+
+def gptq_sweep(
+    w: Tensor, h: Tensor, scale: Tensor, qmax: int, options: GPTQOptions = GPTQOptions()
+) -> tuple[Tensor, dict]:
+    """Integers Q (int8, W's shape) for fixed per-row `scale`; stats say how it went."""
+    rows, cols = w.shape
+    w = w.to(options.dtype).clone()
+    h = h.double().clone()
+    scale = scale.to(options.dtype)
+    # A column no calibration input ever touched has no say in the output: zero it and give H
+    # a unit diagonal there so the factorisation exists (its error then feeds nothing).
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    stats: dict = {"dead_columns": int(dead.sum()), "order": options.order}
+    stats["feedback"] = options.feedback
+    if options.order == "natural":
+        perm = torch.arange(cols)
+    else:
+        perm = torch.argsort(h.diagonal(), descending=options.order == "desc", stable=True)
+    w, h = w[:, perm], h[perm][:, perm]
+    factor, info = _factor(h, options)
+    stats.update(info)
+    if factor is None:
+        stats["fallback"] = (
+            f"Cholesky failed even at damp {info['damp']:g}·mean(diag H); rounded to nearest"
+        )
+        return quantize_rtn(w, scale, qmax)[:, torch.argsort(perm)], stats
+    stats["fallback"] = None
+    factor = factor.to(options.dtype)
+    q = torch.zeros(rows, cols, dtype=options.dtype)
+    s = scale[:, None]
+    for i1 in range(0, cols, options.block_size):
+        i2 = min(i1 + options.block_size, cols)
+        block = w[:, i1:i2].clone()
+        errs = torch.zeros_like(block)
+        f = factor[i1:i2, i1:i2]
+        for j in range(i2 - i1):
+            col = block[:, j : j + 1]
+            qc = torch.round(col / s).clamp_(-qmax, qmax)
+            q[:, i1 + j : i1 + j + 1] = qc
+            err = (col - qc * s) / f[j, j]
+            # Columns j+1.. of this block absorb the error now; later blocks get it in one
+            # matrix product below (the lazy batch update that makes GPTQ fast).
+            block[:, j:] -= err * f[j : j + 1, j:]
+            errs[:, j : j + 1] = err
+        w[:, i2:] -= errs @ factor[i1:i2, i2:]
+    return q[:, torch.argsort(perm)].to(torch.int8), stats
+
+
+def hessian_error(w: Tensor, w_hat: Tensor, h: Tensor) -> float:
+    """tr(ΔW H ΔWᵀ) / tr(W H Wᵀ): the relative change of the layer's output energy."""
+    w64, d = w.double(), (w_hat.double() - w.double())
+    h64 = h.double()
+    num = float(((d @ h64) * d).sum())
+    den = float(((w64 @ h64) * w64).sum())
+    return num / den if den > 0 else math.nan
+
+
+def refit_scales(w: Tensor, q: Tensor, scale: Tensor) -> tuple[Tensor, int]:
+    """P610: s' = ⟨w_r, q_r⟩ / ⟨q_r, q_r⟩ per row, kept only where it lowers that row's MSE."""
+    wf, qf = w.float(), q.float()
+    qq = (qf * qf).sum(dim=1)
+    ls = torch.where(qq > 0, (wf * qf).sum(dim=1) / qq.clamp(min=1), scale)
+    ls = to_fp16_scale(ls.clamp(min=0))
+    old = (dequantize(q, scale) - wf).square().sum(dim=1)
+    new = (dequantize(q, ls) - wf).square().sum(dim=1)
+    better = new < old
+    return torch.where(better, ls, scale), int(better.sum())
+
+
+def initial_scales(w: Tensor, h: Tensor | None, qmax: int, rule: ClipRule) -> tuple[Tensor, dict]:
+    m = rule.method
+    if m == "percentile":
+        return cliprules.percentile_scales(w, qmax, rule.percentile), {}
+    if m == "rowmax":
+        return cliprules.percentile_scales(w, qmax, 1.0), {}
+    if m == "search":
+        return cliprules.search_scales(w, qmax, per_row=rule.per_row)
+    if m == "sdclip":
+        return cliprules.sdclip_scales(w, qmax, rule.sigmas), {}
+    if m == "hsdclip":
+        if h is None:
+            raise ValueError("hsdclip needs a calibration Hessian")
+        return cliprules.hsdclip_scales(w, h, qmax, rule.sigmas, rule.hsd_lambda), {}
+    raise ValueError(f"clip {m!r} has no single-pass scale rule")
+
+
+def quantize_matrix(
+    w: Tensor,
+    h: Tensor | None,
+    bits: int,
+    rule: ClipRule = ClipRule(),
+    options: GPTQOptions | None = GPTQOptions(),
+) -> tuple[Tensor, Tensor, dict]:
+    """(W, H, grid, options) → (Q int8, float16-exact scales, stats).
+
+    `options=None` or `h=None` means round to nearest. `search-gptq` runs one full GPTQ pass per
+    candidate quantile and keeps the lowest plain weight MSE (S1019/P639).
+    """
+    t0 = time.perf_counter()
+    qmax = qmax_for(bits)
+    w = w.detach().float()
+    use_gptq = options is not None and h is not None
+    stats: dict = {"bits": bits, "clip": rule.method, "method": "gptq" if use_gptq else "rtn"}
+    if rule.method == "search-gptq":
+        best = None
+        for quant in cliprules.SEARCH_QUANTILES:
+            scale = cliprules.percentile_scales(w, qmax, quant)
+            if use_gptq:
+                q, sweep = gptq_sweep(w, h, scale, qmax, options)
+            else:
+                q, sweep = quantize_rtn(w, scale, qmax), {}
+            mse = float((dequantize(q, scale) - w).square().mean())
+            if best is None or mse < best[0]:
+                best = (mse, q, scale, {**sweep, "clip_quantile": quant})
+        _, q, scale, extra = best
+    else:
+        scale, extra = initial_scales(w, h, qmax, rule)
+        if use_gptq:
+            q, sweep = gptq_sweep(w, h, scale, qmax, options)
+            extra.update(sweep)
+        else:
+            q = quantize_rtn(w, scale, qmax)
+    stats.update(extra)
+    if options is not None and options.refit_scales:
+        scale, stats["refit_rows"] = refit_scales(w, q, scale)
+    w_hat = dequantize(q, scale)
+    stats["mse"] = float((w_hat - w).square().mean())
+    stats["rel_mse"] = stats["mse"] / max(float(w.square().mean()), 1e-30)
+    if h is not None:
+        stats["hessian_error"] = hessian_error(w, w_hat, h)
+    stats["seconds"] = time.perf_counter() - t0
+    return q, scale, stats

@@ -1,0 +1,120 @@
+"""The quantize stage in two calls, for run.py / `pgolf quantize RUN`:
+
+    hessians, calib = calibrate(model, cfg, files, world)      # reads training data: timed
+    report = export_mixed(model, cfg.export, hessians, code_bytes, RUN / "artifact.pgolf")
+
+`calibrate` is the only part that reads training data, so its seconds (`calib_time_s`) belong to
+the training budget (SPEC §1.3); everything in `export_mixed` touches no data.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pgolf.artifact.config import ExportConfig
+from pgolf.artifact.container import write_sections
+from pgolf.config import RunConfig
+from pgolf.data.dataset import DatasetFiles
+from pgolf.dist import World
+from pgolf.errors import PgolfError
+from pgolf.quant import calibration
+from pgolf.quant.export import parameter_roles, quantize_model
+from pgolf.quant.fit import artifact_report, default_target_bytes, fit_to_budget
+from pgolf.quant.hessian import HessianCollector, collect_hessians
+from pgolf.quant.policy import plan_tensors
+
+CALIB_SOURCES = ("train", "selfgen")
+
+
+def hessian_names(model: nn.Module, cfg: ExportConfig) -> list[str]:
+    """Tensors whose quantisation uses a Hessian (GPTQ or Hessian-aware SDClip)."""
+    plans = plan_tensors(model.state_dict(), parameter_roles(model), cfg)
+    capturable = set(HessianCollector(model).names)
+    return [
+        n
+        for n, p in plans.items()
+        if n in capturable
+        and p.scheme == "int"
+        and (p.gptq or (p.clip is not None and p.clip.method == "hsdclip"))
+    ]
+
+
+def calibrate(
+    model: nn.Module,
+    cfg: RunConfig,
+    files: DatasetFiles | None,
+    world: World,
+    loader=None,
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Hessians for every GPTQ tensor; `loader` continues the trainer's stream if given."""
+    ex = cfg.export
+    names = hessian_names(model, ex)
+    info = {"calib_source": ex.calib_source, "calib_time_s": 0.0, "calib_batches": 0}
+    if not names:
+        info["calib_source"] = "none"
+        return {}, info
+    if ex.calib_source not in CALIB_SOURCES:
+        raise PgolfError(
+            f"export.calib_source {ex.calib_source!r}: expected one of {CALIB_SOURCES}"
+        )
+    clock = [0.0]
+    t0 = time.perf_counter()
+    if ex.calib_source == "train":
+        if loader is None and files is None:
+            raise PgolfError("calibration from training data needs the dataset's training shards")
+        batches = calibration.train_batches(
+            loader if loader is not None else files.train,
+            ex.calib_batches,
+            ex.calib_batch_tokens or cfg.train.train_batch_tokens,
+            cfg.train.train_seq_len,
+            rank=world.rank,
+            world_size=world.world_size,
+            device=world.device,
+            val_paths=files.val if files is not None else (),
+        )
+        info["calib_batches"] = ex.calib_batches
+    else:
+        batches = calibration.self_generated(
+            model,
+            ex.selfgen_seqs,
+            ex.selfgen_len,
+            vocab_size=cfg.model.vocab_size,
+            temperature=ex.selfgen_temperature,
+            seed=cfg.train.seed,
+            batch_size=ex.selfgen_batch,
+            context=ex.selfgen_context,
+            device=world.device,
+        )
+        info["calib_batches"] = -(-ex.selfgen_seqs // ex.selfgen_batch)
+    hessians = collect_hessians(
+        model, calibration.timed(batches, clock), names, all_reduce=ex.calib_all_reduce
+    )
+    if world.is_cuda:
+        torch.cuda.synchronize(world.device)
+    info["calib_time_s"] = time.perf_counter() - t0
+    info["hessians"] = len(hessians)
+    return hessians, info
+
+
+def export_mixed(
+    model: nn.Module,
+    cfg: ExportConfig,
+    hessians: dict[str, torch.Tensor],
+    code_bytes: int,
+    path: str | Path | None = None,
+) -> dict:
+    """Quantise, fit under the byte target, write the artifact (if `path`); return the report."""
+    target = cfg.target_bytes or default_target_bytes(code_bytes)
+    model = model.to("cpu")
+    qm = quantize_model(model, cfg, hessians)
+    packed, fit = fit_to_budget(qm, target, cfg.compressor, cfg.fit_prune, hessians)
+    if path is not None:
+        write_sections(path, packed)
+    report = artifact_report(qm, packed, fit)
+    report["code_bytes"] = int(code_bytes)
+    report["bytes_total"] = len(packed.data) + int(code_bytes)
+    return report
