@@ -1,4 +1,8 @@
-"""The baseline GPT against SPEC §4.1–§4.2: size, causality, init, roles, RoPE, GQA and loss."""
+"""The baseline GPT against SPEC §4.1–§4.2: size, causality, init, roles, RoPE, GQA and loss.
+
+With every technique switch at its default the model must stay the baseline bit for bit; a
+frozen copy of the first baseline implementation below is the reference for that.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from pgolf.config import ModelConfig
+from pgolf.model.blocks import Block
 from pgolf.model.gpt import GPT, count_parameters
 from pgolf.model.layers import Rotary, apply_rotary
 from pgolf.model.roles import ROLES, params_by_role, role_of
@@ -42,6 +47,131 @@ def randomize(model: GPT, seed: int = 1, scale: float = 0.1) -> GPT:
 
 def tokens(b: int, t: int, seed: int = 2, vocab: int = TINY.vocab_size) -> torch.Tensor:
     return torch.randint(0, vocab, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+# -- a frozen copy of the baseline as first committed (fab7d68), the bit-identity reference -----
+class _RefLinear(torch.nn.Linear):
+    def __init__(self, n_in: int, n_out: int, zero: bool = False):
+        super().__init__(n_in, n_out, bias=False)
+        if zero:
+            torch.nn.init.zeros_(self.weight)
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+def _ref_rope(x, t):
+    hd = x.size(-1)
+    inv_freq = 1.0 / (10_000.0 ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+    angles = torch.outer(torch.arange(t, dtype=torch.float32), inv_freq)
+    cos, sin = angles.cos()[None, None].to(x.dtype), angles.sin()[None, None].to(x.dtype)
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+class _RefAttention(torch.nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, self.h, self.kv = cfg.model_dim, cfg.num_heads, cfg.num_kv_heads
+        self.hd = d // self.h
+        self.c_q, self.c_k = _RefLinear(d, d), _RefLinear(d, self.kv * self.hd)
+        self.c_v, self.proj = _RefLinear(d, self.kv * self.hd), _RefLinear(d, d, zero=True)
+        self.q_gain = torch.nn.Parameter(torch.full((self.h,), cfg.qk_gain_init))
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q = self.c_q(x).reshape(b, t, self.h, self.hd).transpose(1, 2)
+        k = self.c_k(x).reshape(b, t, self.kv, self.hd).transpose(1, 2)
+        v = self.c_v(x).reshape(b, t, self.kv, self.hd).transpose(1, 2)
+        q, k = F.rms_norm(q, (self.hd,)), F.rms_norm(k, (self.hd,))
+        q, k = _ref_rope(q, t), _ref_rope(k, t)
+        q = q * self.q_gain.to(q.dtype)[None, :, None, None]
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv != self.h)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+def _ref_norm(z):
+    return F.rms_norm(z, (z.size(-1),))
+
+
+class _RefBlock(torch.nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, hidden = cfg.model_dim, int(cfg.mlp_mult * cfg.model_dim)
+        self.attn = _RefAttention(cfg)
+        self.mlp = torch.nn.Module()
+        self.mlp.fc, self.mlp.proj = _RefLinear(d, hidden), _RefLinear(hidden, d, zero=True)
+        self.attn_scale = torch.nn.Parameter(torch.ones(d))
+        self.mlp_scale = torch.nn.Parameter(torch.ones(d))
+        self.resid_mix = torch.nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
+
+    def forward(self, x, x0):
+        norm = _ref_norm
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        x = x + self.attn_scale.to(x.dtype) * self.attn(norm(x))
+        h = torch.relu(self.mlp.fc(norm(x))).square()
+        return x + self.mlp_scale.to(x.dtype) * self.mlp.proj(h)
+
+
+class _RefGPT(torch.nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.enc = cfg.num_layers // 2
+        self.tok_emb = torch.nn.Embedding(cfg.vocab_size, cfg.model_dim)
+        n_skip = min(self.enc, cfg.num_layers - self.enc)
+        self.skip_weights = torch.nn.Parameter(torch.ones(n_skip, cfg.model_dim))
+        self.blocks = torch.nn.ModuleList(_RefBlock(cfg) for _ in range(cfg.num_layers))
+        torch.nn.init.normal_(self.tok_emb.weight, std=cfg.tied_embed_init_std)
+
+    def forward(self, ids):
+        x = F.rms_norm(self.tok_emb(ids), (self.tok_emb.embedding_dim,))
+        x0, skips = x, []
+        for block in self.blocks[: self.enc]:
+            x = block(x, x0)
+            skips.append(x)
+        for i, block in enumerate(self.blocks[self.enc :]):
+            if i < len(self.skip_weights):
+                x = x + self.skip_weights[i].to(x.dtype) * skips.pop()
+            x = block(x, x0)
+        z = F.linear(F.rms_norm(x, (x.size(-1),)), self.tok_emb.weight.to(x.dtype))
+        return (30.0 * torch.tanh(z / 30.0)).float()
+
+
+@pytest.mark.parametrize("num_layers", [4, 5])
+def test_default_switches_reproduce_the_reference_baseline_bit_for_bit(num_layers):
+    cfg = dataclasses.replace(TINY, num_layers=num_layers)
+    torch.manual_seed(0)
+    ref = _RefGPT(cfg)
+    torch.manual_seed(0)
+    new = GPT(cfg)
+    ref_state, new_state = ref.state_dict(), new.state_dict()
+    assert list(new_state) == list(ref_state)  # same names, same order
+    assert all(torch.equal(new_state[k], ref_state[k]) for k in ref_state)  # same seed → same init
+    randomize(new)
+    ref.load_state_dict(new.state_dict())
+    x, y = tokens(2, 24), tokens(2, 24, seed=3)
+    losses = []
+    for model in (ref, new):
+        logits = model(x)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+        loss.backward()
+        losses.append((logits, loss))
+    assert torch.equal(losses[0][0], losses[1][0]) and torch.equal(losses[0][1], losses[1][1])
+    ref_params = dict(ref.named_parameters())
+    for name, p in new.named_parameters():
+        assert torch.equal(p.grad, ref_params[name].grad), name
+
+
+def test_a_block_with_every_switch_off_is_the_reference_block_bit_for_bit():
+    # In particular XSA off: the attention output is the plain SDPA output, untouched.
+    torch.manual_seed(0)
+    ref = _RefBlock(TINY)
+    new = Block(TINY, layer_idx=3, xsa=False)
+    randomize(new)
+    ref.load_state_dict(new.state_dict())
+    x, x0 = torch.randn(2, 16, TINY.model_dim), torch.randn(2, 16, TINY.model_dim)
+    assert torch.equal(new(x, x0)[0], ref(x, x0))
 
 
 def test_baseline_config_has_the_official_parameter_count():
@@ -110,7 +240,10 @@ def test_decoder_blocks_receive_the_mirrored_encoder_outputs():
     model = randomize(tiny(num_layers=5))
     seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for i, block in enumerate(model.blocks):
-        block.register_forward_hook(lambda _m, args, out, i=i: seen.__setitem__(i, (args[0], out)))
+        # A block returns (stream, its attention values); the stream is what the U-Net passes on.
+        block.register_forward_hook(
+            lambda _m, args, out, i=i: seen.__setitem__(i, (args[0], out[0]))
+        )
     with torch.no_grad():
         model(tokens(2, 10))
     w = model.skip_weights

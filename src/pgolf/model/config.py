@@ -1,4 +1,11 @@
-"""Model settings: every architecture technique is a switch here (SPEC §4, §5)."""
+"""Model settings: every architecture technique is a switch here, off by default (SPEC §4, §5).
+
+With every switch at its default the model is the official baseline, parameter for parameter and
+bit for bit. Layer selections accept negative indices counted from the last layer (-1 = the last),
+so a preset shrunk with NUM_LAYERS keeps its meaning; an index that does not exist at the chosen
+depth is an error, never silently dropped. Fields the record scripts read from the environment
+carry that name.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +13,76 @@ from dataclasses import dataclass
 
 from pgolf.config_fields import env_field
 
+# `parallel_residual_start` at or beyond the last layer means no parallel layers, as upstream
+# (S1493's sweep uses 11 = off); this default is beyond any depth this challenge can afford.
+PARALLEL_OFF = 1_000_000
+
 
 @dataclass
 class ModelConfig:
+    # -- shape (SPEC §4.1, §5.2) --
     vocab_size: int = env_field("VOCAB_SIZE", 1024)
     num_layers: int = env_field("NUM_LAYERS", 9)
     model_dim: int = env_field("MODEL_DIM", 512)
     num_heads: int = env_field("NUM_HEADS", 8)
-    num_kv_heads: int = env_field("NUM_KV_HEADS", 4)
-    mlp_mult: float = env_field("MLP_MULT", 2.0)
+    num_kv_heads: int = env_field("NUM_KV_HEADS", 4)  # = num_heads: full MHA
+    mlp_mult: float = env_field("MLP_MULT", 2.0)  # hidden = int(mlp_mult · model_dim)
     tie_embeddings: bool = env_field("TIE_EMBEDDINGS", True)
     rope_base: float = env_field("ROPE_BASE", 10000.0)
-    logit_softcap: float = env_field("LOGIT_SOFTCAP", 30.0)
-    qk_gain_init: float = env_field("QK_GAIN_INIT", 1.5)
+    logit_softcap: float = env_field("LOGIT_SOFTCAP", 30.0)  # §5.15; <= 0 = off
+    qk_gain_init: float = env_field("QK_GAIN_INIT", 1.5)  # §5.14
     tied_embed_init_std: float = env_field("TIED_EMBED_INIT_STD", 0.005)
+
+    # -- MLP activation (§5.13): 0 = relu² (baseline); 0.5 = LeakyReLU(0.5)² (S549 onward) --
+    mlp_leaky_slope: float = 0.0
+
+    # -- attention --
+    # XSA (§5.4) on the last N layers: 0 = off, -1 = every layer at any depth.
+    xsa_last_n: int = env_field("XSA_LAST_N", 0)
+    # Partial RoPE (§5.9): rotate the first R dims of each head; 0 = all of them.
+    rope_dims: int = env_field("ROPE_DIMS", 0)
+    # Nominal RoPE length T0: longer sequences use the NTK base; 0 = never rescale. The sp1024
+    # stacks hard-wire 1024 while training at 2048 (rescale always on); S1394+ use 2048.
+    # Env name: S1394's Hyperparameters (not in SPEC).
+    rope_train_seq_len: int = env_field("ROPE_TRAIN_SEQ_LEN", 0)
+    ln_scale: bool = env_field("LN_SCALE", False)  # §5.10: norm outputs · 1/√(i+1)
+    # Value-residual learning as P639 (§9.1): layers ≥ 1 blend layer 0's values in.
+    value_residual: bool = env_field("VRL", False)
+    # Sparse attention output gate (§5.31): per head σ(0.5·W·x[:window]) scales the head output.
+    attn_out_gate: bool = False
+    attn_out_gate_window: int = 12
+
+    # -- embeddings --
+    # BigramHash (§5.8): K buckets × D dims; 0 buckets = off.
+    bigram_vocab_size: int = env_field("BIGRAM_VOCAB_SIZE", 0)
+    bigram_dim: int = env_field("BIGRAM_DIM", 128)
+    bigram_trigram: bool = False  # S1019's optional extra XOR with 51497·tok[t−2] (off there)
+    # SmearGate (§5.7): "off" | "v1" (per-channel, mixes across documents) | "v2" (BOS-masked).
+    smear_gate: str = "off"
+    smear_window: int = 12  # v2: the gate reads the first `smear_window` channels
+    bos_id: int = 1  # SentencePiece BOS (SPEC §2.2); v2 never smears into it
+    # Value embeddings (§5.11): one shared V×ve_dim table added to V on the listed layers.
+    ve_enabled: bool = env_field("VE_ENABLED", False)
+    ve_dim: int = env_field("VE_DIM", 128)
+    ve_layers: str = env_field("VE_LAYERS", "-2,-1")  # upstream "9,10" of 11
+
+    # -- depth (§5.3, §5.28) --
+    # Env names of the three below: S1394's Hyperparameters / S1493's run command (not in SPEC).
+    skip_gates: bool = env_field("SKIP_GATES_ENABLED", False)
+    # Depth recurrence: layers loop_start..loop_end (inclusive) run num_loops extra times.
+    num_loops: int = env_field("NUM_LOOPS", 0)
+    loop_start: int = env_field("LOOP_START", 4)
+    loop_end: int = env_field("LOOP_END", 5)
+    # Fraction of training after which the trainer turns looping on (GPT.set_recurrence).
+    enable_looping_at: float = env_field("ENABLE_LOOPING_AT", 0.5)
+    # GPT-J parallel residuals from this physical layer on; see PARALLEL_OFF.
+    parallel_residual_start: int = env_field("PARALLEL_RESIDUAL_START", PARALLEL_OFF)
+
+    # -- initialisation (§5.16) --
+    orthogonal_init: bool = False  # every linear with both dims >= 64 that is not zero-init
+    # S414's rule: names ending in `.proj` (the bigram/VE projections) also get ·1/√(2L);
+    # the banked stacks (S549 onward) leave them plain orthogonal.
+    aux_proj_scaled_init: bool = False
+    # Optimizer role of the bigram/VE projections: "matrix" → Muon (S414 and its non-banked
+    # edits) or "scalar" → scalar Adam (banked S549, S1019, S1060; SPEC §5.8, §5.11, §5.18).
+    aux_proj_role: str = "matrix"

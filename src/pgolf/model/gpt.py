@@ -1,9 +1,15 @@
-"""The official Parameter Golf baseline GPT (SPEC §4.1–§4.2), parameter for parameter.
+"""The GPT of the official baseline (SPEC §4.1–§4.2) plus every technique of the seed stacks (§5).
 
-Parameter names match the official `train_gpt.py` (`tok_emb.weight`, `blocks.3.attn.c_q.weight`,
-`skip_weights`, ...), so state dicts and quantized artifacts move between the two unchanged, and
-the construction order matches too, so the same seed gives the same initial weights. Every
+With ModelConfig's defaults this is the baseline parameter for parameter and bit for bit:
+parameter names match the official `train_gpt.py` (`tok_emb.weight`, `blocks.3.attn.c_q.weight`,
+`skip_weights`, ...), so state dicts move between the two unchanged, and the construction order
+matches, so the same seed gives the same initial weights. Technique parameters take the names the
+record scripts use (`bigram.embed.weight`, `smear.gate`, `ve_shared.proj.weight`, ...). Every
 parameter carries a role (`pgolf.model.roles`) that optimizers and quantizers dispatch on.
+
+Forward: embedding (+ BigramHash) → RMSNorm (→ SmearGate) = x0 → encoder blocks, each output
+pushed on a stack → decoder blocks, each first merging a popped skip → final norm → tied head →
+soft cap. Depth recurrence only changes which physical blocks run in which order (`layout`).
 """
 
 from __future__ import annotations
@@ -13,7 +19,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pgolf.config import ModelConfig
-from pgolf.model.layers import CastedLinear, Rotary, apply_rotary, rms_norm
+from pgolf.errors import PgolfError
+from pgolf.model.blocks import Block
+from pgolf.model.embeddings import BigramHashEmbedding, ValueEmbedding, build_smear_gate
+from pgolf.model.init import orthogonal_init
+from pgolf.model.layers import CastedLinear, rms_norm
+from pgolf.model.layout import resolve_layout
 from pgolf.model.roles import with_role
 
 
@@ -21,91 +32,43 @@ def _scalar(values: Tensor) -> nn.Parameter:
     return with_role(nn.Parameter(values.float()), "scalar")
 
 
-class CausalSelfAttention(nn.Module):
-    """GQA attention with q/k RMSNorm, full-dim RoPE and a learned per-head query gain."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        dim = cfg.model_dim
-        self.num_heads = cfg.num_heads
-        self.num_kv_heads = cfg.num_kv_heads
-        self.head_dim = dim // cfg.num_heads
-        kv_dim = cfg.num_kv_heads * self.head_dim
-        self.c_q = CastedLinear(dim, dim)
-        self.c_k = CastedLinear(dim, kv_dim)
-        self.c_v = CastedLinear(dim, kv_dim)
-        self.proj = CastedLinear(dim, dim, zero_init=True)
-        # q·k of two RMS-normed vectors is bounded by hd, so without a gain the softmax would be
-        # nearly flat at init; q_gain (per head) sets that temperature and is learned.
-        self.q_gain = _scalar(torch.full((cfg.num_heads,), cfg.qk_gain_init))
-        self.rotary = Rotary(self.head_dim, cfg.rope_base)
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, t, d = x.shape
-        q = self.c_q(x).reshape(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.c_k(x).reshape(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.c_v(x).reshape(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = rms_norm(q), rms_norm(k)
-        cos, sin = self.rotary(t, q.dtype)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q = q * self.q_gain.to(q.dtype)[None, :, None, None]
-        # enable_gqa (torch >= 2.5) lets each group of query heads share a kv head without
-        # materialising repeated k/v; default scale is 1/sqrt(hd).
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads
-        )
-        return self.proj(y.transpose(1, 2).reshape(b, t, d))
-
-
-class MLP(nn.Module):
-    """relu² MLP: proj(relu(fc(x))²)."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        hidden = int(cfg.mlp_mult * cfg.model_dim)
-        self.fc = CastedLinear(cfg.model_dim, hidden)
-        self.proj = CastedLinear(hidden, cfg.model_dim, zero_init=True)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(torch.relu(self.fc(x)).square())
-
-
-class Block(nn.Module):
-    """Pre-norm block that first re-mixes in the embedding stream x0 (per channel, learned)."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        d = cfg.model_dim
-        self.attn = CausalSelfAttention(cfg)
-        self.mlp = MLP(cfg)
-        self.attn_scale = _scalar(torch.ones(d))
-        self.mlp_scale = _scalar(torch.ones(d))
-        # row 0 weighs the running stream, row 1 the embedding; (1, 0) starts as a plain residual.
-        self.resid_mix = _scalar(torch.stack((torch.ones(d), torch.zeros(d))))
-
-    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
-        mix = self.resid_mix.to(x.dtype)
-        x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x))
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
-
-
 class GPT(nn.Module):
-    """Embedding → L blocks with U-Net skips (first half encoder, rest decoder) → tied head."""
+    """Embedding → blocks with U-Net skips (first half encoder, rest decoder) → tied head."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        if cfg.aux_proj_role not in ("matrix", "scalar"):
+            raise PgolfError(f"model.aux_proj_role={cfg.aux_proj_role!r}: use matrix or scalar")
         self.cfg = cfg
+        self.layout = layout = resolve_layout(cfg)
         self.logit_softcap = cfg.logit_softcap
-        self.num_encoder_layers = cfg.num_layers // 2
-        self.num_decoder_layers = cfg.num_layers - self.num_encoder_layers
-        self.num_skip_weights = min(self.num_encoder_layers, self.num_decoder_layers)
+        self.num_skip_weights = layout.num_skip_weights
         # Built in the official order (embedding, skips, blocks, head, then the embedding's
-        # re-init) so that one seed yields the same initial weights as upstream.
+        # re-init) so that one seed yields the same initial weights as upstream; the technique
+        # modules slot in where the record scripts create theirs and draw nothing when off.
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
         with_role(self.tok_emb.weight, "embedding")
+        self.bigram = BigramHashEmbedding(cfg) if cfg.bigram_vocab_size > 0 else None
+        self.smear = build_smear_gate(cfg)
         self.skip_weights = _scalar(torch.ones(self.num_skip_weights, cfg.model_dim))
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        # Gates start at 0: σ(0) = ½, an even average of the stream and the scaled skip.
+        self.skip_gates = None
+        if cfg.skip_gates:
+            self.skip_gates = _scalar(torch.zeros(self.num_skip_weights, cfg.model_dim))
+        self.blocks = nn.ModuleList(
+            Block(
+                cfg,
+                i,
+                xsa=i in layout.xsa,
+                # Layer 0 is VRL's source, so it has nothing to blend (P639).
+                value_residual=cfg.value_residual and i > 0,
+                parallel=i in layout.parallel,
+            )
+            for i in range(cfg.num_layers)
+        )
+        self.ve_shared = ValueEmbedding(cfg) if layout.ve else None
+        self.ve_layer_scales = nn.ParameterList(_scalar(torch.ones(1)) for _ in layout.ve)
+        self._ve_slot = {layer: slot for slot, layer in enumerate(layout.ve)}
         self.lm_head = None
         if not cfg.tie_embeddings:
             self.lm_head = CastedLinear(cfg.model_dim, cfg.vocab_size, role="head", zero_init=True)
@@ -113,21 +76,56 @@ class GPT(nn.Module):
         # would give huge initial logits); an untied embedding keeps nn.Embedding's N(0, 1).
         if cfg.tie_embeddings:
             nn.init.normal_(self.tok_emb.weight, mean=0.0, std=cfg.tied_embed_init_std)
+        if cfg.orthogonal_init:
+            tables = [m for m in (self.bigram, self.ve_shared) if m is not None]
+            aux = [m.proj for m in tables if m.proj is not None]
+            orthogonal_init(self, cfg.num_layers, aux, scale_aux=cfg.aux_proj_scaled_init)
+        # A fresh model runs its full (looped) layout: evaluation and export rebuild the model
+        # and must see the architecture training ended with. A trainer that delays looping
+        # turns it off before the first step (see `set_recurrence`).
+        self.recurrence_active = layout.has_recurrence
+
+    def set_recurrence(self, active: bool) -> None:
+        """Run the looped layer order (True) or each physical layer once (False).
+
+        A plain Python attribute read by `forward`: torch.compile guards on it, so flipping it
+        between steps of a compiled model triggers one recompilation into a second graph and
+        later flips reuse both (no graph break, fullgraph=True holds). To keep that compile out
+        of the timed budget, warm up in both modes before the clock starts, as S1394 does with a
+        second warm-up. The trainer turns it on once the training fraction reaches
+        `cfg.enable_looping_at` (SPEC §5.28).
+        """
+        self.recurrence_active = bool(active) and self.layout.has_recurrence
+
+    def _merge_skip(self, i: int, x: Tensor, skip: Tensor) -> Tensor:
+        scaled = self.skip_weights[i].to(x.dtype) * skip
+        if self.skip_gates is None:
+            return x + scaled
+        # σ(g)·x + (1 − σ(g))·(w ⊙ skip), a learned per-channel lerp (SPEC §5.3).
+        return torch.lerp(scaled, x, torch.sigmoid(self.skip_gates[i].to(x.dtype)))
 
     def forward(self, input_ids: Tensor) -> Tensor:
         """Soft-capped logits, float32, [B, T, V]."""
-        x = rms_norm(self.tok_emb(input_ids))
+        x = self.tok_emb(input_ids)
+        if self.bigram is not None:
+            x = x + self.bigram(input_ids)
+        x = rms_norm(x)
+        if self.smear is not None:
+            x = self.smear(x, input_ids)
         x0 = x
+        ve = self.ve_shared(input_ids) if self.ve_shared is not None else None
+        encoder, decoder = self.layout.looped if self.recurrence_active else self.layout.plain
+        v0: Tensor | None = None
         skips: list[Tensor] = []
-        for block in self.blocks[: self.num_encoder_layers]:
-            x = block(x, x0)
+        for i in encoder:
+            x, v0 = self._run_block(i, x, x0, ve, v0)
             skips.append(x)
-        for i, block in enumerate(self.blocks[self.num_encoder_layers :]):
+        for j, i in enumerate(decoder):
             # The stack pairs the last encoder output with the first decoder block, like a U-Net;
-            # with an odd L the last decoder block has no partner.
-            if i < self.num_skip_weights:
-                x = x + self.skip_weights[i].to(x.dtype) * skips.pop()
-            x = block(x, x0)
+            # decoder blocks beyond the number of skips (or of pushed outputs) get none.
+            if j < self.num_skip_weights and skips:
+                x = self._merge_skip(j, x, skips.pop())
+            x, v0 = self._run_block(i, x, x0, ve, v0)
         x = rms_norm(x)
         if self.lm_head is None:
             z = F.linear(x, self.tok_emb.weight.to(x.dtype))
@@ -137,6 +135,19 @@ class GPT(nn.Module):
             # Capped in the compute dtype, then widened, exactly as upstream does before its loss.
             z = self.logit_softcap * torch.tanh(z / self.logit_softcap)
         return z.float()
+
+    def _run_block(
+        self, i: int, x: Tensor, x0: Tensor, ve: Tensor | None, v0: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Run physical block i; returns the stream and VRL's layer-0 values (set on first use)."""
+        slot = self._ve_slot.get(i)
+        layer_ve = (
+            None if ve is None or slot is None else ve * self.ve_layer_scales[slot].to(ve.dtype)
+        )
+        x, values = self.blocks[i](x, x0, layer_ve, v0)
+        if v0 is None and self.cfg.value_residual:
+            v0 = values
+        return x, v0
 
     def loss(self, input_ids: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
         """Cross-entropy in nats; reduction "none" gives one loss per target, shaped as targets."""

@@ -1,0 +1,41 @@
+"""Orthogonal initialisation of the S287/S1248/S414 family and its successors (SPEC §5.16).
+
+Every linear layer with both dims ≥ 64 that is not zero-init becomes orthogonal (gain 1). The
+bigram and value-embedding projections are built zero in every record and then overwritten by
+this loop; S414 (names ending in `.proj`) additionally scales them by 1/√(2L), the banked stacks
+do not. Below 64 dims the loop skips a layer, so those two projections stay zero there, exactly as
+upstream (which leaves a bigram table and projection that are both zero: no gradient reaches
+either, a pitfall of small bigram dims). Without this init, pgolf leaves them at PyTorch's default
+like every other non-zero-init linear, instead of the dead zero/zero pair.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from pgolf.model.layers import CastedLinear
+
+MIN_ORTHO_DIM = 64
+
+
+@torch.no_grad()
+def orthogonal_init(
+    model: nn.Module, num_layers: int, aux_projections: list[nn.Module], *, scale_aux: bool
+) -> None:
+    """Re-initialise `model`'s linears in module order; `aux_projections` are bigram/VE proj."""
+    aux = {id(m) for m in aux_projections}
+    aux_scale = 1.0 / math.sqrt(2 * num_layers)
+    for module in model.modules():
+        if not isinstance(module, CastedLinear) or module.zero_init:
+            continue
+        rows, cols = module.weight.shape
+        if rows >= MIN_ORTHO_DIM and cols >= MIN_ORTHO_DIM:
+            if not module.weight.is_meta:  # `pgolf presets` counts parameters on meta
+                nn.init.orthogonal_(module.weight, gain=1.0)
+            if scale_aux and id(module) in aux:
+                module.weight.mul_(aux_scale)
+        elif id(module) in aux:
+            nn.init.zeros_(module.weight)
