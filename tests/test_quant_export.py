@@ -12,7 +12,7 @@ from pgolf.artifact.int8 import SCALE_SUFFIX
 from pgolf.config import config_from_dict, load_preset
 from pgolf.errors import PgolfError
 from pgolf.model.gpt import GPT
-from pgolf.quant.export import dequantize_artifact, quantize_model
+from pgolf.quant.export import dequantize_artifact, parameter_roles, quantize_model
 from pgolf.quant.fit import BYTES_CAP, default_target_bytes, fit_to_budget
 from pgolf.quant.hessian import collect_hessians
 from pgolf.quant.pipeline import export_mixed, hessian_names
@@ -165,3 +165,23 @@ def test_budget_is_decimal_bytes_not_mebibytes():
     assert default_target_bytes(100_000) == 15_900_000
     cfg = ExportConfig()
     assert cfg.target_bytes == 0  # 0 means BYTES_CAP − code bytes, computed at export time
+
+
+def test_lookup_tables_other_than_the_token_embedding_are_plain_int8_rows():
+    """BigramHash / value-embedding tables share the embedding role (token Adam) but have no
+    linear input: no Hessian, no GPTQ, int8 per-row (SPEC §9.1), whatever embed_bits says."""
+    cfg = load_preset("pr414")
+    cfg.model.num_layers, cfg.model.model_dim, cfg.model.num_heads = 4, 128, 2
+    with torch.device("meta"):
+        model = GPT(cfg.model)
+    state = {n: torch.empty(p.shape) for n, p in model.state_dict().items()}
+    plans = plan_tensors(state, parameter_roles(model), export_cfg(embed_bits=7))
+    assert plans["tok_emb.weight"].qclass == "embed" and plans["tok_emb.weight"].gptq
+    for name in ("bigram.embed.weight", "ve_shared.embed.weight"):
+        plan = plans[name]
+        assert (plan.qclass, plan.bits, plan.gptq, plan.clip.method) == (
+            "table",
+            8,
+            False,
+            "percentile",
+        ), name

@@ -26,6 +26,7 @@ from pgolf.data.config import DataConfig
 from pgolf.errors import PgolfError
 from pgolf.eval.config import EvalConfig, validate_eval_config
 from pgolf.model.config import ModelConfig
+from pgolf.model.layout import resolve_layout
 from pgolf.train.config import TrainConfig
 
 
@@ -188,3 +189,4 @@ def validate_config(cfg: RunConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise PgolfError(f"invalid config: {message}")
+    resolve_layout(m)  # layer lists (negative indices, loop range) fail here, not at model build

@@ -4,6 +4,7 @@ Classes, from the parameter role set where the parameter was created (pgolf.mode
 inside the `matrix` role, the record's name rule (`.mlp.` → mlp, `.attn.` → attn):
 
     embed   the token embedding (tied: also the output head)   embed_bits, embed_clip
+    table   other lookup tables (BigramHash, value embeddings)  int8 per-row percentile, no GPTQ
     head    an untied output head                               head_bits, embed clip settings
     attn    attention matrices                                  attn_bits or matrix_bits
     mlp     MLP matrices                                        mlp_bits or matrix_bits
@@ -29,7 +30,8 @@ from pgolf.errors import PgolfError
 from pgolf.quant.gptq import ClipRule, GPTQOptions
 from pgolf.quant.grid import SUPPORTED_BITS
 
-QUANT_CLASSES = ("embed", "head", "attn", "mlp", "matrix")
+QUANT_CLASSES = ("embed", "table", "head", "attn", "mlp", "matrix")
+TOKEN_EMBEDDING = "tok_emb.weight"
 _OVERRIDE = re.compile(r"^(fp16|int([5-8]))([+-]gptq)?$")
 
 
@@ -44,7 +46,9 @@ class TensorPlan:
 
 def quant_class(name: str, role: str | None) -> str:
     if role == "embedding":
-        return "embed"
+        # Only the token embedding doubles as the output head; the other tables have no linear
+        # input, hence no Hessian, and the records store them as plain int8 rows (SPEC §9.1).
+        return "embed" if name == TOKEN_EMBEDDING else "table"
     if role == "head":
         return "head"
     if ".mlp." in name:
@@ -74,7 +78,9 @@ def parse_overrides(text: str) -> list[tuple[str, str, int, bool | None]]:
 
 
 def clip_rule(cfg: ExportConfig, qclass: str) -> ClipRule:
-    if qclass in ("embed", "head"):
+    if qclass == "table":
+        method, sigmas = "percentile", 0.0
+    elif qclass in ("embed", "head"):
         method, sigmas = cfg.embed_clip, cfg.embed_clip_sigmas
     else:
         method = cfg.matrix_clip
@@ -95,6 +101,7 @@ def clip_rule(cfg: ExportConfig, qclass: str) -> ClipRule:
 def class_bits(cfg: ExportConfig, qclass: str) -> int:
     bits = {
         "embed": cfg.embed_bits,
+        "table": 8,
         "head": cfg.head_bits,
         "attn": cfg.attn_bits or cfg.matrix_bits,
         "mlp": cfg.mlp_bits or cfg.matrix_bits,
@@ -128,8 +135,10 @@ def plan_tensors(
     for name, t in state.items():
         role = roles.get(name)
         qclass = quant_class(name, role)
-        use_gptq = cfg.quant_method == "gptq" and (
-            cfg.gptq_embed if qclass in ("embed", "head") else cfg.gptq_matrix
+        use_gptq = (
+            cfg.quant_method == "gptq"
+            and qclass != "table"
+            and (cfg.gptq_embed if qclass in ("embed", "head") else cfg.gptq_matrix)
         )
         match = next((o for o in overrides if fnmatch.fnmatchcase(name, o[0])), None)
         if not t.is_floating_point():
