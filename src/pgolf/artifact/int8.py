@@ -16,6 +16,8 @@ are stored under the tensor's own name, row/tensor scales under `name + SCALE_SU
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from pgolf.artifact.container import array_to_tensor, tensor_to_array
@@ -143,11 +145,17 @@ def quantize_state_dict_int8(state_dict: dict[str, torch.Tensor]) -> tuple[dict,
     return arrays, {"format": FORMAT, "tensors": entries}
 
 
-def dequantize_state_dict_int8(arrays: dict, meta: dict) -> dict[str, torch.Tensor]:
-    """Rebuild float tensors in their original dtypes: q * scale (per row or per tensor)."""
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+def rebuild_state(
+    arrays: dict, meta: dict, expected_format: str, decode: Callable
+) -> dict[str, torch.Tensor]:
+    """The checks every export format shares, around a format-specific `decode`.
+
+    `decode(name, scheme, stored, scale)` turns one stored tensor (and its float32 scales, or None)
+    into values; this function restores the original dtype and checks the shape the meta records.
+    """
+    if not isinstance(meta, dict) or meta.get("format") != expected_format:
         found = meta.get("format") if isinstance(meta, dict) else meta
-        raise PgolfError(f"artifact meta: format {found!r}, expected {FORMAT!r}")
+        raise PgolfError(f"artifact meta: format {found!r}, expected {expected_format!r}")
     out: dict[str, torch.Tensor] = {}
     for name, entry in meta.get("tensors", {}).items():
         dtype = _TORCH_DTYPES.get(entry.get("dtype")) if isinstance(entry, dict) else None
@@ -156,23 +164,9 @@ def dequantize_state_dict_int8(arrays: dict, meta: dict) -> dict[str, torch.Tens
         if name not in arrays:
             raise PgolfError(f"artifact: tensor {name!r} is listed in meta but missing")
         stored = array_to_tensor(arrays[name])
-        scheme = entry.get("scheme")
-        if scheme in ("raw", "float"):
-            value = stored.to(dtype)
-        elif scheme in ("int8_per_row", "int8_per_tensor"):
-            if name + SCALE_SUFFIX not in arrays:
-                raise PgolfError(f"artifact: quantised tensor {name!r} has no scales")
-            scale = array_to_tensor(arrays[name + SCALE_SUFFIX]).float()
-            rows = stored.shape[0] if scheme == "int8_per_row" and stored.ndim else 1
-            if scale.numel() != rows:
-                raise PgolfError(
-                    f"artifact: tensor {name!r} has {scale.numel()} scales, expected {rows}"
-                )
-            if scheme == "int8_per_row":
-                scale = scale.reshape(-1, *([1] * (stored.ndim - 1)))
-            value = (stored.float() * scale).to(dtype)
-        else:
-            raise PgolfError(f"artifact meta: tensor {name!r} has unknown scheme {scheme!r}")
+        scales = arrays.get(name + SCALE_SUFFIX)
+        scale = None if scales is None else array_to_tensor(scales).float()
+        value = decode(name, entry.get("scheme"), stored, scale).to(dtype)
         if list(value.shape) != entry.get("shape"):
             raise PgolfError(
                 f"artifact: tensor {name!r} has shape {list(value.shape)}, "
@@ -180,3 +174,28 @@ def dequantize_state_dict_int8(arrays: dict, meta: dict) -> dict[str, torch.Tens
             )
         out[name] = value
     return out
+
+
+def require_scales(name: str, scale: torch.Tensor | None) -> torch.Tensor:
+    if scale is None:
+        raise PgolfError(f"artifact: quantised tensor {name!r} has no scales")
+    return scale
+
+
+def _decode_int8(name: str, scheme, stored: torch.Tensor, scale) -> torch.Tensor:
+    if scheme in ("raw", "float"):
+        return stored
+    if scheme not in ("int8_per_row", "int8_per_tensor"):
+        raise PgolfError(f"artifact meta: tensor {name!r} has unknown scheme {scheme!r}")
+    scale = require_scales(name, scale)
+    rows = stored.shape[0] if scheme == "int8_per_row" and stored.ndim else 1
+    if scale.numel() != rows:
+        raise PgolfError(f"artifact: tensor {name!r} has {scale.numel()} scales, expected {rows}")
+    if scheme == "int8_per_row":
+        scale = scale.reshape(-1, *([1] * (stored.ndim - 1)))
+    return stored.float() * scale
+
+
+def dequantize_state_dict_int8(arrays: dict, meta: dict) -> dict[str, torch.Tensor]:
+    """Rebuild float tensors in their original dtypes: q * scale (per row or per tensor)."""
+    return rebuild_state(arrays, meta, FORMAT, _decode_int8)

@@ -17,9 +17,14 @@ import torch
 from torch import Tensor, nn
 
 from pgolf.artifact.config import ExportConfig
-from pgolf.artifact.container import array_to_tensor, tensor_to_array
-from pgolf.artifact.int8 import _TORCH_DTYPES, SCALE_SUFFIX, dequantize_state_dict_int8
+from pgolf.artifact.container import tensor_to_array
 from pgolf.artifact.int8 import FORMAT as INT8_FORMAT
+from pgolf.artifact.int8 import (
+    SCALE_SUFFIX,
+    dequantize_state_dict_int8,
+    rebuild_state,
+    require_scales,
+)
 from pgolf.errors import PgolfError
 from pgolf.model.roles import role_of
 from pgolf.quant.gptq import quantize_matrix
@@ -104,41 +109,23 @@ def quantize_state(
     return QuantizedModel(arrays, {"format": FORMAT, "tensors": entries}, plans, stats)
 
 
+def _decode_mixed(name: str, scheme, stored: Tensor, scale: Tensor | None) -> Tensor:
+    if scheme in ("raw", "float16"):
+        return stored
+    if scheme != "int":
+        raise PgolfError(f"artifact meta: tensor {name!r} has unknown scheme {scheme!r}")
+    scale = require_scales(name, scale)
+    if stored.ndim != 2 or scale.shape != (stored.shape[0],):
+        raise PgolfError(
+            f"artifact: tensor {name!r} has {tuple(scale.shape)} scales for a "
+            f"{tuple(stored.shape)} matrix"
+        )
+    return stored.float() * scale[:, None]
+
+
 def dequantize_mixed(arrays: dict[str, np.ndarray], meta: dict) -> dict[str, Tensor]:
     """Inverse of `quantize_state`: q · s per row in float32, then the original dtype."""
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else meta
-        raise PgolfError(f"artifact meta: format {found!r}, expected {FORMAT!r}")
-    out: dict[str, Tensor] = {}
-    for name, entry in meta.get("tensors", {}).items():
-        dtype = _TORCH_DTYPES.get(entry.get("dtype")) if isinstance(entry, dict) else None
-        if dtype is None:
-            raise PgolfError(f"artifact meta: tensor {name!r} has an invalid entry {entry!r}")
-        if name not in arrays:
-            raise PgolfError(f"artifact: tensor {name!r} is listed in meta but missing")
-        stored = array_to_tensor(arrays[name])
-        scheme = entry.get("scheme")
-        if scheme in ("raw", "float16"):
-            value = stored.to(dtype)
-        elif scheme == "int":
-            if name + SCALE_SUFFIX not in arrays:
-                raise PgolfError(f"artifact: quantised tensor {name!r} has no scales")
-            scale = array_to_tensor(arrays[name + SCALE_SUFFIX]).float()
-            if stored.ndim != 2 or scale.shape != (stored.shape[0],):
-                raise PgolfError(
-                    f"artifact: tensor {name!r} has {tuple(scale.shape)} scales for a "
-                    f"{tuple(stored.shape)} matrix"
-                )
-            value = (stored.float() * scale[:, None]).to(dtype)
-        else:
-            raise PgolfError(f"artifact meta: tensor {name!r} has unknown scheme {scheme!r}")
-        if list(value.shape) != entry.get("shape"):
-            raise PgolfError(
-                f"artifact: tensor {name!r} has shape {list(value.shape)}, "
-                f"meta says {entry.get('shape')!r}"
-            )
-        out[name] = value
-    return out
+    return rebuild_state(arrays, meta, FORMAT, _decode_mixed)
 
 
 def dequantize_artifact(arrays: dict[str, np.ndarray], meta: dict) -> dict[str, Tensor]:
