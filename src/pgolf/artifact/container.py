@@ -305,15 +305,7 @@ def _read_tensor(
     if not isinstance(entry, dict):
         raise PgolfError(f"{source}: tensor entry must be a JSON object, got {entry!r}")
     name, dtype_name, shape = entry.get("name"), entry.get("dtype"), entry.get("shape")
-    if not isinstance(name, str):
-        raise PgolfError(f"{source}: tensor entry without a string name: {entry!r}")
-    if dtype_name not in DTYPES:
-        raise PgolfError(
-            f"{source}: tensor {name!r} has dtype {dtype_name!r}, "
-            f"expected one of {', '.join(DTYPES)}"
-        )
-    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-        raise PgolfError(f"{source}: tensor {name!r} has invalid shape {shape!r}")
+    _check_tensor_entry(name, dtype_name, shape, entry, source)
     stored = DTYPES[dtype_name]
     nbytes = math.prod(shape) * stored.itemsize
     if entry.get("offset") != offset or entry.get("nbytes") != nbytes:
@@ -562,8 +554,14 @@ def _section_item(item: Any, source: str) -> tuple[str, str, list[int]]:
     if not (isinstance(item, list) and len(item) == 3):
         raise PgolfError(f"{source}: tensor entry must be [name, dtype, shape], got {item!r}")
     name, dtype_name, shape = item
+    _check_tensor_entry(name, dtype_name, shape, item, source)
+    return name, dtype_name, shape
+
+
+def _check_tensor_entry(name: Any, dtype_name: Any, shape: Any, raw: Any, source: str) -> None:
+    """A header's description of one tensor (both layouts): a name, a known dtype, a shape."""
     if not isinstance(name, str):
-        raise PgolfError(f"{source}: tensor entry without a string name: {item!r}")
+        raise PgolfError(f"{source}: tensor entry without a string name: {raw!r}")
     if dtype_name not in DTYPES:
         raise PgolfError(
             f"{source}: tensor {name!r} has dtype {dtype_name!r}, "
@@ -571,4 +569,3 @@ def _section_item(item: Any, source: str) -> tuple[str, str, list[int]]:
         )
     if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
         raise PgolfError(f"{source}: tensor {name!r} has invalid shape {shape!r}")
-    return name, dtype_name, shape
