@@ -133,7 +133,12 @@ def cmd_run(args: argparse.Namespace) -> None:
         stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
         run_dir = Path(args.out or Path("runs") / f"{args.preset}_{stamp}")
         report = run_pipeline(
-            run_dir, cfg, world, echo=not args.json, allow_illegal=args.allow_illegal
+            run_dir,
+            cfg,
+            world,
+            echo=not args.json,
+            allow_illegal=args.allow_illegal,
+            loggers=tuple(args.log or ()),
         )
     finally:
         shutdown(world)
@@ -166,7 +171,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_quantize(args: argparse.Namespace) -> None:
     from pgolf.run import export_stage
 
-    _stage(args, export_stage)
+    _stage(args, export_stage, echo=not args.json)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -235,6 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--allow-illegal", action="store_true", help="run a preset that breaks the rules (research)"
     )
+    p.add_argument(
+        "--log",
+        action="append",
+        choices=["tensorboard", "wandb"],
+        help="also send metrics to TensorBoard / W&B (optional extras; repeatable)",
+    )
     _add_json(p)
     p.set_defaults(func=cmd_run)
 
@@ -254,6 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN")
     _add_json(p)
     p.set_defaults(func=cmd_eval)
+    from pgolf.audit.commands import register as register_audit
+
+    register_audit(sub)
+    from pgolf.observe.commands import register as register_observe
+
+    register_observe(sub)
     return parser
 
 
@@ -264,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        args.func(args)
+        return args.func(args) or 0
     except PgolfError as exc:
         print(f"pgolf: error: {exc}", file=sys.stderr)
         return 2

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 import pgolf
 from pgolf.artifact.container import read_artifact, write_artifact
 from pgolf.artifact.int8 import quantize_state_dict_int8
+from pgolf.audit.records import byte_tables_sha256, data_files_record
 from pgolf.config import RunConfig, config_from_dict, validate_config
 from pgolf.data.dataset import DatasetFiles, resolve_dataset
 from pgolf.data.shards import load_tokens
@@ -35,6 +36,7 @@ from pgolf.eval.evaluate import evaluate
 from pgolf.eval.prequant import prequant_ttt
 from pgolf.fileio import write_text_atomic
 from pgolf.model.gpt import GPT
+from pgolf.observe.sinks import open_sinks, require_sinks
 from pgolf.quant.export import dequantize_artifact
 from pgolf.quant.pipeline import calibrate, export_mixed
 from pgolf.runlog import RunLog, code_bytes, imported_source_files
@@ -111,18 +113,28 @@ class EvalData:
         check_vocab_fits(tokens, cfg.model.vocab_size, str(files.val[0].parent))
         self.covers_all = not cfg.eval.max_val_tokens or cfg.eval.max_val_tokens >= len(tokens)
         self.tokens = tokens[: cfg.eval.max_val_tokens] if cfg.eval.max_val_tokens else tokens
-        self.byte_tables = TorchByteTables(build_byte_tables(sp, cfg.model.vocab_size), device)
+        tables = build_byte_tables(sp, cfg.model.vocab_size)
+        self.byte_tables_sha256 = byte_tables_sha256(tables)  # compared by `pgolf audit`
+        self.byte_tables = TorchByteTables(tables, device)
 
 
 def eval_seq_len(cfg: RunConfig) -> int:
     return cfg.eval.eval_seq_len or cfg.train.train_seq_len
 
 
-def score_without_ttt(model: torch.nn.Module, cfg: RunConfig, data: EvalData, world: World) -> dict:
+def score_without_ttt(
+    model: torch.nn.Module, cfg: RunConfig, data: EvalData, world: World, progress: bool = False
+) -> dict:
     """The run's evaluation mode (non-overlapping or sliding) with test-time training off."""
     plain = dataclasses.replace(cfg.eval, ttt_enabled=False)
     return evaluate(
-        model, data.tokens, data.byte_tables, plain, world, train_seq_len=cfg.train.train_seq_len
+        model,
+        data.tokens,
+        data.byte_tables,
+        plain,
+        world,
+        train_seq_len=cfg.train.train_seq_len,
+        progress=progress,
     )
 
 
@@ -133,10 +145,13 @@ def train_stage(
     resume: bool = False,
     echo: bool = True,
     allow_illegal: bool = False,
+    loggers: tuple[str, ...] = (),
 ) -> dict:
     cfg = load_run_config(run_dir)
     files = resolve_dataset(cfg.data)
-    log = RunLog(run_dir, enabled=world.is_main, echo=echo)
+    log = RunLog(
+        run_dir, world.is_main, echo, open_sinks(loggers, run_dir) if world.is_main else ()
+    )
     eval_data = EvalData(cfg, files, world.device)
     trainer = Trainer(cfg, files, world, run_dir, log)
     log.header(cfg.to_dict(), str(world.device), world.world_size)
@@ -155,7 +170,7 @@ def train_stage(
         )
         log.text(f"ILLEGAL pre-quant TTT on validation data: {extra['prequant_ttt']['reason']}")
         trainer.save_weights()
-    pre = score_without_ttt(trainer.model, cfg, eval_data, world)
+    pre = score_without_ttt(trainer.model, cfg, eval_data, world, progress=echo)
     log.metrics(
         step=result.steps, eval_mode="pre_quant", val_loss=pre["val_loss"], val_bpb=pre["val_bpb"]
     )
@@ -180,11 +195,12 @@ def train_stage(
         device=str(world.device),
         pgolf_version=pgolf.__version__,
         config_sha256=cfg.sha256(),
+        data_files=data_files_record(files.train, files.val, files.tokenizer),
         **extra,
     )
 
 
-def export_stage(run_dir: Path, world: World) -> dict:
+def export_stage(run_dir: Path, world: World, echo: bool = True) -> dict:
     """Quantize the trained float weights and write the compressed artifact.
 
     `int8-zlib` is the official baseline export; `mixed` is pgolf.quant (GPTQ, per-role bits,
@@ -208,12 +224,19 @@ def export_stage(run_dir: Path, world: World) -> dict:
         model.load_state_dict(load_file(weights), strict=True)
         model.to(world.device)
         files = resolve_dataset(cfg.data)
-        hessians, calib = calibrate(model, cfg, files, world)
+        hessians, calib = calibrate(model, cfg, files, world, progress=echo)
         fields["calib_time_s"] = calib["calib_time_s"]
         fields["calibration"] = {k: v for k, v in calib.items() if k != "calib_time_s"}
+        if calib["calib_source"] == "train":  # the shards calibration may read, for the audit
+            fields["calibration"]["files"] = [str(p.resolve()) for p in files.train]
         if world.is_main:
             quant = export_mixed(
-                model, cfg.export, hessians, code_bytes(imported_source_files()), artifact
+                model,
+                cfg.export,
+                hessians,
+                code_bytes(imported_source_files()),
+                artifact,
+                progress=echo,
             )
             write_text_atomic(
                 Path(run_dir) / "quant_report.json", json.dumps(quant, indent=2) + "\n"
@@ -232,11 +255,15 @@ def load_artifact_model(run_dir: Path, cfg: RunConfig, device: torch.device) -> 
     return model.to(device)
 
 
-def eval_stage(run_dir: Path, world: World, echo: bool = True) -> dict:
+def eval_stage(
+    run_dir: Path, world: World, echo: bool = True, loggers: tuple[str, ...] = ()
+) -> dict:
     """Score the artifact model; everything from reading the artifact on is eval time."""
     cfg = load_run_config(run_dir)
     files = resolve_dataset(cfg.data)
-    log = RunLog(run_dir, enabled=world.is_main, echo=echo)
+    log = RunLog(
+        run_dir, world.is_main, echo, open_sinks(loggers, run_dir) if world.is_main else ()
+    )
     if not (Path(run_dir) / ARTIFACT_NAME).is_file():
         raise PgolfError(f"{run_dir}/{ARTIFACT_NAME}: no artifact; run `pgolf run` or export first")
     eval_data = EvalData(cfg, files, world.device)
@@ -287,6 +314,8 @@ def eval_stage(run_dir: Path, world: World, echo: bool = True) -> dict:
         bytes_code=bytes_code,
         bytes_total=bytes_total,
         ttt=result["ttt"],
+        temperature=result["temperature"],
+        byte_tables_sha256=eval_data.byte_tables_sha256,
         compliance=rules,
     )
 
@@ -325,12 +354,18 @@ def compliance(
 
 
 def run_pipeline(
-    run_dir: Path, cfg: RunConfig, world: World, echo: bool = True, allow_illegal: bool = False
+    run_dir: Path,
+    cfg: RunConfig,
+    world: World,
+    echo: bool = True,
+    allow_illegal: bool = False,
+    loggers: tuple[str, ...] = (),
 ) -> dict:
+    require_sinks(loggers)  # a missing extra must not leave a half-made run directory behind
     create_run_dir(run_dir, cfg, world)
-    train_stage(run_dir, world, echo=echo, allow_illegal=allow_illegal)
-    export_stage(run_dir, world)
-    return eval_stage(run_dir, world, echo=echo)
+    train_stage(run_dir, world, echo=echo, allow_illegal=allow_illegal, loggers=loggers)
+    export_stage(run_dir, world, echo=echo)
+    return eval_stage(run_dir, world, echo=echo, loggers=loggers)
 
 
 def summary_rows(report: dict) -> list[tuple[str, str]]:

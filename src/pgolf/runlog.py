@@ -11,12 +11,16 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 import pgolf
+
+if TYPE_CHECKING:
+    from pgolf.observe.sinks import MetricSink
 
 
 def imported_source_files() -> list[Path]:
@@ -43,10 +47,14 @@ def code_bytes(files: list[Path]) -> int:
 
 
 class RunLog:
-    def __init__(self, run_dir: Path, enabled: bool, echo: bool = True):
+    def __init__(
+        self, run_dir: Path, enabled: bool, echo: bool = True, sinks: Sequence[MetricSink] = ()
+    ):
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.echo = echo
+        # Live views (TensorBoard, W&B) get every record after metrics.jsonl, the source of truth.
+        self.sinks = list(sinks)
         if enabled:
             self.run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -64,6 +72,8 @@ class RunLog:
         record.setdefault("time", round(time.time(), 3))
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        for sink in self.sinks:
+            sink.log(record)
 
     def header(self, config: dict[str, Any], device: str, world_size: int) -> None:
         files = imported_source_files()

@@ -27,6 +27,7 @@ from pgolf.artifact.int8 import (
 )
 from pgolf.errors import PgolfError
 from pgolf.model.roles import role_of
+from pgolf.progress import progress_bar
 from pgolf.quant.gptq import quantize_matrix
 from pgolf.quant.hessian import HessianCollector
 from pgolf.quant.policy import TensorPlan, gptq_options, plan_tensors
@@ -63,6 +64,7 @@ def quantize_state(
     cfg: ExportConfig,
     hessians: dict[str, Tensor] | None = None,
     gptq_capable: set[str] | None = None,
+    progress: bool = False,
 ) -> QuantizedModel:
     """Quantise every tensor by its plan. GPTQ tensors without a Hessian are rounded to nearest
     and say so in their stats (`fallback`), as are GPTQ's own failures.
@@ -81,6 +83,13 @@ def quantize_state(
     arrays: dict[str, np.ndarray] = {}
     entries: dict[str, dict] = {}
     stats: dict[str, dict] = {}
+    # GPTQ on an 11-layer model takes minutes on CPU: count the quantized matrices as they finish.
+    bar = progress_bar(
+        total=sum(p.scheme == "int" for p in plans.values()),
+        desc="quantize (GPTQ)" if any(p.gptq for p in plans.values()) else "quantize",
+        enabled=progress,
+        unit=" tensor",
+    )
     for name, t in state.items():
         if SCALE_SUFFIX in name:
             raise PgolfError(f"state dict key {name!r} contains the reserved {SCALE_SUFFIX!r}")
@@ -105,7 +114,9 @@ def quantize_state(
             arrays[name + SCALE_SUFFIX] = scale.to(torch.float16).numpy()
             entry.update(bits=plan.bits, qclass=plan.qclass)
             stats[name] = st
+            bar.update(1)
         entries[name] = entry
+    bar.close()
     return QuantizedModel(arrays, {"format": FORMAT, "tensors": entries}, plans, stats)
 
 
@@ -137,11 +148,14 @@ def dequantize_artifact(arrays: dict[str, np.ndarray], meta: dict) -> dict[str, 
 
 
 def quantize_model(
-    model: nn.Module, cfg: ExportConfig, hessians: dict[str, Tensor] | None = None
+    model: nn.Module,
+    cfg: ExportConfig,
+    hessians: dict[str, Tensor] | None = None,
+    progress: bool = False,
 ) -> QuantizedModel:
     t0 = time.perf_counter()
     state = dict(model.state_dict())
     capable = set(HessianCollector(model).names)
-    qm = quantize_state(state, parameter_roles(model), cfg, hessians, capable)
+    qm = quantize_state(state, parameter_roles(model), cfg, hessians, capable, progress=progress)
     qm.seconds = time.perf_counter() - t0
     return qm

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from pgolf.progress import progress_bar
+
 _LINEAR_FUNCS = {F.linear, torch._C._nn.linear}
 
 
@@ -156,14 +158,19 @@ def collect_hessians(
     batches: Iterable[Tensor],
     names: Iterable[str] | None = None,
     all_reduce: bool = False,
+    progress: bool = False,
+    total: int | None = None,
 ) -> dict[str, Tensor]:
     """Run `model(x)` on each batch of token ids inside a collector; return name → H."""
     was_training = model.training
     model.eval()
+    bar = progress_bar(total=total, desc="calibration", enabled=progress, unit=" batch")
     try:
         with HessianCollector(model, names) as collector:
             for x in batches:
                 model(x)
+                bar.update(1)
     finally:
+        bar.close()
         model.train(was_training)
     return collector.hessians(all_reduce=all_reduce)

@@ -49,6 +49,7 @@ def calibrate(
     files: DatasetFiles | None,
     world: World,
     loader=None,
+    progress: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Hessians for every GPTQ tensor; `loader` continues the trainer's stream if given."""
     ex = cfg.export
@@ -91,7 +92,12 @@ def calibrate(
         )
         info["calib_batches"] = -(-ex.selfgen_seqs // ex.selfgen_batch)
     hessians = collect_hessians(
-        model, calibration.timed(batches, clock), names, all_reduce=ex.calib_all_reduce
+        model,
+        calibration.timed(batches, clock),
+        names,
+        all_reduce=ex.calib_all_reduce,
+        progress=progress and world.is_main,
+        total=info["calib_batches"],
     )
     if world.is_cuda:
         torch.cuda.synchronize(world.device)
@@ -106,11 +112,12 @@ def export_mixed(
     hessians: dict[str, torch.Tensor],
     code_bytes: int,
     path: str | Path | None = None,
+    progress: bool = False,
 ) -> dict:
     """Quantise, fit under the byte target, write the artifact (if `path`); return the report."""
     target = cfg.target_bytes or default_target_bytes(code_bytes)
     model = model.to("cpu")
-    qm = quantize_model(model, cfg, hessians)
+    qm = quantize_model(model, cfg, hessians, progress=progress)
     packed, fit = fit_to_budget(qm, target, cfg.compressor, cfg.fit_prune, hessians)
     if path is not None:
         write_sections(path, packed)

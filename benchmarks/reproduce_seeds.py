@@ -1,0 +1,221 @@
+"""Every seed preset (and the baseline) at one fixed CPU shape, end to end: train, quantize, score.
+
+The presets keep everything that makes them what they are (techniques, optimizer settings,
+export codec, eval/TTT settings) and are shrunk only in size and time: 4 layers × 128, 4 heads,
+seq 256 (train and eval), 8,192 tokens/step, STEPS steps with the last quarter as warm-down, no
+wall-clock cap. Data: the FineWeb sample tokenized with the official sp1024 tokenizer, validation
+= the 200 official verification documents (built once under WORK/data).
+
+    python benchmarks/reproduce_seeds.py [--work DIR] [--steps 200] [--seeds 1337,1338]
+        [--only baseline,seed-p639] [--table] [--report]
+
+Each (preset, seed) runs the `pgolf run` pipeline (pgolf.run.run_pipeline) in its own process (so a
+crash or an out-of-memory kill loses one run, not the sweep) writing WORK/runs/PRESET_sSEED. On a
+shared 2-core machine set OMP_NUM_THREADS=1: two spinning torch threads per run against other jobs
+measured 3× slower than one. Resumable: a run whose report.json
+has a post-quant `val_bpb` is skipped; a half-written one is removed and run again. Runs go seed by
+seed (every preset once, then the second seed), so an interrupted sweep still covers every preset.
+Prints one JSON line per run; `--table` prints the markdown table of README "Results at CPU scale";
+`--report` tabulates the finished runs without training anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PRESETS = ("baseline", "seed-p639", "seed-p610", "seed-p1004", "seed-p578")
+SEEDS = (1337, 1338)
+STEPS = 200
+
+
+def shrink(preset: str, steps: int, seed: int) -> list[str]:
+    """`--set` overrides for the common CPU shape; head layout kept (GQA 4→2, MHA stays MHA)."""
+    from pgolf.config import load_preset
+
+    cfg = load_preset(preset)
+    mha = cfg.model.num_kv_heads == cfg.model.num_heads
+    sets = {
+        "model.num_layers": 4,
+        "model.model_dim": 128,
+        "model.num_heads": 4,
+        "model.num_kv_heads": 4 if mha else 2,
+        "train.train_seq_len": 256,
+        "train.train_batch_tokens": 8192,
+        "train.iterations": steps,
+        "train.warmdown_iters": max(1, steps // 4),
+        "train.warmup_steps": 0,
+        "train.max_wallclock_seconds": 0,
+        "train.seed": seed,
+        "eval.eval_seq_len": 256,
+        "train.train_log_every": 10,  # enough points for `pgolf plot`
+    }
+    return [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
+
+
+def build_data(work: Path) -> Path:
+    from pgolf.data.build import build_dataset
+    from pgolf.settings import shared_data
+
+    out = work / "data"
+    if (out / "meta.json").is_file():
+        return out
+    corpus = shared_data("corpus")
+    inputs = [corpus / "fineweb_pg_verify_docs" / "verify_docs.jsonl"]
+    inputs += sorted((corpus / "fineweb_legal_pilot" / "derived").glob("*.jsonl.gz"))
+    # The verification documents go first, so val_docs=200 makes them the validation set.
+    build_dataset(
+        inputs,
+        out,
+        tokenizer=shared_data("tokenizers", "fineweb_1024_bpe.model"),
+        val_docs=200,
+        progress=False,
+        overwrite=True,
+    )
+    return out
+
+
+def result_row(preset: str, seed: int, steps: int, report: dict, wall_s: float | None) -> dict:
+    ttt = report.get("ttt") or None
+    return {
+        "preset": preset,
+        "seed": seed,
+        "steps": report.get("steps", steps),
+        "pre_quant_val_bpb": report.get("pre_quant_val_bpb"),
+        "post_quant_val_bpb": report.get("val_bpb") if not ttt else ttt.get("bpb_before"),
+        "ttt_val_bpb": report.get("val_bpb") if ttt else None,
+        "val_bpb": report.get("val_bpb"),
+        "eval_mode": report.get("eval_mode"),
+        "codec": report.get("codec"),
+        "bytes_model": report.get("bytes_model"),
+        "bytes_total": report.get("bytes_total"),
+        "train_time_s": report.get("train_time_s"),
+        "calib_time_s": report.get("calib_time_s"),
+        "eval_time_s": report.get("eval_time_s"),
+        "wall_s": wall_s,
+    }
+
+
+def run_one(work: Path, data: Path, preset: str, seed: int, steps: int) -> dict:
+    run_dir = work / "runs" / f"{preset}_s{seed}"
+    report_path = run_dir / "report.json"
+    if report_path.is_file():
+        report = json.loads(report_path.read_text())
+        if report.get("val_bpb") is not None:
+            return {**result_row(preset, seed, steps, report, None), "skipped": True}
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # a run killed half way: start it again from scratch
+    cmd = [sys.executable, __file__, "--work", str(work), "--steps", str(steps)]
+    cmd += ["--one", f"{preset}:{seed}"]
+    t0 = time.perf_counter()
+    env = {**os.environ, "PGOLF_DEVICE": "cpu", "PGOLF_QUIET": "1"}
+    log = work / "logs" / f"{preset}_s{seed}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    wall_s = round(time.perf_counter() - t0, 1)
+    if proc.returncode != 0 or not report_path.is_file():
+        return {"preset": preset, "seed": seed, "error": f"exit {proc.returncode}; see {log}"}
+    return result_row(preset, seed, steps, json.loads(report_path.read_text()), wall_s)
+
+
+def train_one(work: Path, data: Path, preset: str, seed: int, steps: int) -> None:
+    """One run in this process, through the library rather than the CLI (same stages)."""
+    from pgolf.config import resolve_config
+    from pgolf.dist import init_world, shutdown
+    from pgolf.run import run_pipeline
+
+    sets = [a for a in shrink(preset, steps, seed) if a != "--set"] + [f"data.path={data}"]
+    world = init_world()
+    try:
+        run_pipeline(work / "runs" / f"{preset}_s{seed}", resolve_config(preset, sets), world)
+    finally:
+        shutdown(world)
+
+
+def fmt(values: list, spec: str) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "not run"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return format(mean, spec)  # the seeds column says it is one run
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{format(mean, spec)} ± {format(std, spec)}"
+
+
+def markdown_table(rows: list[dict], presets: tuple[str, ...]) -> str:
+    lines = [
+        "| preset | seeds | steps | val_bpb pre-quant | val_bpb post-quant | val_bpb with TTT "
+        "| bytes_total | train s | eval s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for preset in presets:
+        done = [r for r in rows if r["preset"] == preset and "error" not in r]
+        if not done:
+            lines.append(f"| `{preset}` | 0 | — | not run | not run | not run | — | — | — |")
+            continue
+        ttt = [r["ttt_val_bpb"] for r in done]
+        lines.append(
+            f"| `{preset}` | {len(done)} | {done[0]['steps']} "
+            f"| {fmt([r['pre_quant_val_bpb'] for r in done], '.4f')} "
+            f"| {fmt([r['post_quant_val_bpb'] for r in done], '.4f')} "
+            f"| {fmt(ttt, '.4f') if any(v is not None for v in ttt) else 'TTT off in preset'} "
+            f"| {fmt([r['bytes_total'] for r in done], ',.0f')} "
+            f"| {fmt([r['train_time_s'] for r in done], '.0f')} "
+            f"| {fmt([r['eval_time_s'] for r in done], '.0f')} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/pgolf_reproduce_seeds"))
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    parser.add_argument("--only", default=",".join(PRESETS))
+    parser.add_argument("--table", action="store_true", help="print the markdown table at the end")
+    parser.add_argument(
+        "--report", action="store_true", help="only tabulate finished runs; train nothing"
+    )
+    parser.add_argument("--one", metavar="PRESET:SEED", help=argparse.SUPPRESS)  # worker mode
+    args = parser.parse_args()
+    if args.one:
+        preset, seed = args.one.rsplit(":", 1)
+        train_one(args.work, args.work / "data", preset, int(seed), args.steps)
+        return
+    presets = tuple(args.only.split(","))
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if args.report:
+        rows = [
+            result_row(preset, seed, args.steps, json.loads(path.read_text()), None)
+            for seed in seeds
+            for preset in presets
+            if (path := args.work / "runs" / f"{preset}_s{seed}" / "report.json").is_file()
+        ]
+        for row in rows:
+            print(json.dumps(row))
+        print(markdown_table(rows, presets))
+        return
+    args.work.mkdir(parents=True, exist_ok=True)
+    data = build_data(args.work)
+    rows = []
+    for seed in seeds:
+        for preset in presets:
+            row = run_one(args.work, data, preset, seed, args.steps)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            with open(args.work / "results.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+    if args.table:
+        print(markdown_table(rows, presets))
+
+
+if __name__ == "__main__":
+    main()

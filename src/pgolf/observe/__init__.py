@@ -1,0 +1,1 @@
+"""Observability and results: metric sinks (TensorBoard, W&B), plots of runs, ablation tables."""
