@@ -14,7 +14,14 @@ from torch import nn
 
 from pgolf.config import TrainConfig
 from pgolf.model.roles import with_role
-from pgolf.train.muon import NS5_COEFFS, Muon, zeropower_newton_schulz5
+from pgolf.train.muon import (
+    NS5_COEFFS,
+    POLAR_EXPRESS_COEFFS,
+    Muon,
+    normalize_rows,
+    zeropower_newton_schulz5,
+    zeropower_polar_express,
+)
 from pgolf.train.optim import (
     build_optimizers,
     maybe_clip_grads,
@@ -22,7 +29,14 @@ from pgolf.train.optim import (
     set_lr_scale,
     set_muon_momentum,
 )
-from pgolf.train.schedule import lr_scale
+from pgolf.train.schedule import (
+    frac_warmdown_scale,
+    lr_scale,
+    scheduled_lr_scale,
+    training_frac,
+    warmdown_scale,
+    warmup_factor,
+)
 
 
 def ns5_reference(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
@@ -241,6 +255,40 @@ def test_wallclock_warmdown_predicts_the_window_from_the_average_step(step, elap
     assert scale == pytest.approx(expected)
 
 
+@pytest.mark.parametrize(
+    "frac, expected",
+    [(0.0, 1.0), (0.3, 1.0), (0.333, 1.0), (0.5, 0.5 / 0.667), (0.9, 0.1 / 0.667), (1.0, 0.0)],
+)
+def test_wallclock_fraction_warmdown_of_s1394(frac, expected):
+    assert frac_warmdown_scale(frac, 0.667, 0.0) == pytest.approx(expected)
+
+
+def test_min_lr_floors_the_fraction_warmdown():
+    assert frac_warmdown_scale(0.99, 0.85, 0.10) == pytest.approx(0.10)  # TOP: (0.01/0.85) → 0.1
+    assert frac_warmdown_scale(0.50, 0.85, 0.10) == pytest.approx(0.5 / 0.85)
+    assert frac_warmdown_scale(0.99, 0.0, 0.10) == 1.0  # no warm-down, no floor
+
+
+def test_training_frac_is_time_over_the_effective_cap_else_steps_over_iterations():
+    assert training_frac(10, 294_000.0, 20_000, 588_000.0) == pytest.approx(0.5)
+    assert training_frac(100, 9e9, 400, None) == 0.25
+
+
+def test_scheduled_scale_combines_warmdown_floor_and_warmup():
+    cfg = TrainConfig(iterations=100, warmdown_frac=0.5, min_lr=0.2, lr_warmup_steps=10)
+    assert scheduled_lr_scale(cfg, 0, 0.0, None) == pytest.approx(0.1)  # warm-up 1/10
+    # LR-keyed switches (SWA start, late QAT) see the warm-down alone, not the warm-up.
+    assert warmdown_scale(cfg, 0, 0.0, None) == 1.0
+    assert scheduled_lr_scale(cfg, 9, 0.0, None) == pytest.approx(1.0)
+    assert scheduled_lr_scale(cfg, 75, 0.0, None) == pytest.approx(0.5)  # (1 − .75)/.5
+    assert scheduled_lr_scale(cfg, 95, 0.0, None) == pytest.approx(0.2)  # floored
+    # Under a cap the fraction is the time fraction: 450 of 600 ms → frac 0.75 → 0.5.
+    assert scheduled_lr_scale(cfg, 50, 450.0, 600.0) == pytest.approx(0.25 / 0.5)
+    base = TrainConfig(iterations=400, warmdown_iters=100)
+    assert scheduled_lr_scale(base, 350, 0.0, None) == lr_scale(350, 0.0, 400, 100, None)
+    assert warmup_factor(5, 0) == 1.0
+
+
 def test_muon_momentum_warms_up_linearly_then_stays():
     cfg = TrainConfig(
         muon_momentum=0.95, muon_momentum_warmup_start=0.85, muon_momentum_warmup_steps=500
@@ -251,6 +299,117 @@ def test_muon_momentum_warms_up_linearly_then_stays():
     assert muon_momentum_at(5000, cfg) == pytest.approx(0.95)
     cfg.muon_momentum_warmup_steps = 0
     assert muon_momentum_at(0, cfg) == 0.95
+
+
+# --- Muon variants and weight decay (SPEC §5.17) ------------------------------------------------
+
+
+def test_muon_decoupled_weight_decay_shrinks_weights_by_one_minus_lr_wd():
+    gen = torch.Generator().manual_seed(5)
+    W0, G = torch.randn(6, 4, generator=gen), torch.randn(6, 4, generator=gen)
+    lr, wd = 0.1, 0.3
+    # A zero gradient orthogonalises to a zero update: only the decay moves the weights.
+    W = nn.Parameter(W0.clone())
+    opt = Muon([W], lr=lr, momentum=0.9, backend_steps=5, weight_decay=wd)
+    W.grad = torch.zeros_like(W0)
+    opt.step()
+    torch.testing.assert_close(W.detach(), W0 * (1 - lr * wd), rtol=0, atol=0)
+    # With a gradient: decay first, then the plain Muon step.
+    W, plain = nn.Parameter(W0.clone()), nn.Parameter(W0.clone())
+    for p, decay in ((W, wd), (plain, 0.0)):
+        p.grad = G.clone()
+        Muon([p], lr=lr, momentum=0.9, backend_steps=5, weight_decay=decay).step()
+    step = plain.detach() - W0
+    torch.testing.assert_close(W.detach(), W0 * (1 - lr * wd) + step, rtol=0, atol=1e-6)
+
+
+def test_muoneq_r_orthogonalises_the_row_normalised_update():
+    gen = torch.Generator().manual_seed(6)
+    W0 = torch.randn(8, 4, generator=gen)
+    G = torch.randn(8, 4, generator=gen) * torch.logspace(0, 3, 8)[:, None]  # rows 1 … 1000
+    mu, lr = 0.9, 0.1
+    W = nn.Parameter(W0.clone())
+    W.grad = G.clone()
+    Muon([W], lr=lr, momentum=mu, backend_steps=5, row_normalize=True).step()
+    U = G + mu * G  # Nesterov on the first step: buffer = G
+    rows = U / U.norm(dim=1, keepdim=True)
+    assert torch.allclose(normalize_rows(U).norm(dim=1), torch.ones(8))
+    O = ns5_reference(rows).float() * (8 / 4) ** 0.5
+    torch.testing.assert_close(W.detach(), W0 - lr * O, atol=1e-5, rtol=0)
+    # Without it the huge rows dominate and the small ones barely move.
+    plain = nn.Parameter(W0.clone())
+    plain.grad = G.clone()
+    Muon([plain], lr=lr, momentum=mu, backend_steps=5).step()
+    moved = (plain.detach() - W0).norm(dim=1)
+    assert moved[0] < 0.1 * moved[-1]
+    assert (W.detach() - W0).norm(dim=1).min() > 0.3 * (W.detach() - W0).norm(dim=1).max()
+
+
+def polar_express_reference(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Iteration i uses coefficient row i, after dividing by 1.02·‖G‖_F; float64."""
+    X = G.double() / (torch.linalg.matrix_norm(G.double()) * 1.02 + 1e-7)
+    tall = X.shape[0] > X.shape[1]
+    if tall:
+        X = X.T
+    for i in range(steps):
+        a, b, c = POLAR_EXPRESS_COEFFS[min(i, len(POLAR_EXPRESS_COEFFS) - 1)]
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.T if tall else X
+
+
+def test_polar_express_uses_its_own_coefficients_at_each_iteration():
+    G = torch.randn(48, 24, generator=torch.Generator().manual_seed(7))
+    O = zeropower_polar_express(G, steps=5)
+    torch.testing.assert_close(O.double(), polar_express_reference(G), atol=1e-5, rtol=0)
+    # Any other order of the same rows gives a different map (the schedule is per iteration).
+    X = G.double() / (torch.linalg.matrix_norm(G.double()) * 1.02 + 1e-7)
+    X = X.T
+    for a, b, c in reversed(POLAR_EXPRESS_COEFFS):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    assert (X.T - O.double()).abs().max() > 1e-2
+    # Five tuned steps land closer to orthogonal than five fixed NS5 steps.
+    pe = torch.linalg.svdvals(O.double())
+    ns = torch.linalg.svdvals(zeropower_newton_schulz5(G, 5).double())
+    assert (pe - 1).abs().max() < (ns - 1).abs().max()
+    assert pe.min() > 0.8 and pe.max() < 1.2
+    # Beyond five steps the last coefficients repeat.
+    torch.testing.assert_close(
+        zeropower_polar_express(G, 7).double(), polar_express_reference(G, 7), atol=1e-5, rtol=0
+    )
+
+
+def test_muon_switch_selects_polar_express():
+    G = torch.randn(6, 4, generator=torch.Generator().manual_seed(8))
+    W = nn.Parameter(torch.zeros(6, 4))
+    W.grad = G.clone()
+    Muon([W], lr=1.0, momentum=0.0, backend_steps=5, polar_express=True).step()
+    expected = -zeropower_polar_express(G, 5) * (6 / 4) ** 0.5
+    torch.testing.assert_close(W.detach(), expected, atol=1e-6, rtol=0)
+
+
+def test_adamw_decay_on_embedding_and_scalars_and_switches_reach_muon():
+    cfg = TrainConfig(
+        embed_wd=0.085, adam_wd=0.02, muon_wd=0.04, muon_row_normalize=True, muon_polar_express=True
+    )
+    model = TinyModel()
+    optimizers = build_optimizers(model, cfg, tie_embeddings=False)
+    emb, _ = _owner(optimizers, model.embed)
+    gain, _ = _owner(optimizers, model.gain)
+    head, _ = _owner(optimizers, model.head)
+    muon, _ = _owner(optimizers, model.fc)
+    assert type(emb) is torch.optim.AdamW and emb.defaults["weight_decay"] == 0.085
+    assert type(gain) is torch.optim.AdamW and gain.defaults["weight_decay"] == 0.02
+    assert type(head) is torch.optim.Adam  # an untied head is not decayed (as upstream)
+    group = muon.param_groups[0]
+    assert group["weight_decay"] == 0.04 and group["row_normalize"] and group["polar_express"]
+    # Decoupled: with a zero gradient AdamW only shrinks, by (1 − lr·wd).
+    before = model.embed.detach().clone()
+    model.embed.grad = torch.zeros_like(before)
+    emb.step()
+    lr = cfg.embed_lr
+    torch.testing.assert_close(model.embed.detach(), before * (1 - lr * 0.085))
 
 
 # --- distributed Muon ------------------------------------------------------------------------

@@ -12,10 +12,20 @@ from pgolf.data.dataset import resolve_dataset
 from pgolf.dist import World
 from pgolf.errors import PgolfError
 from pgolf.runlog import RunLog
+from pgolf.train.clock import BudgetClock
 from pgolf.train.trainer import Trainer
 from tests.conftest import tiny_config
 
 CPU_WORLD = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny matmuls on a shared 2-core box: one thread avoids OpenMP spin contention (≈5x faster).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _train(cfg, run_dir, world=CPU_WORLD, resume=False):
@@ -96,6 +106,85 @@ def test_wallclock_cap_stops_training_early(tiny_dataset, tmp_path):
     assert result.train_time_ms >= 500
 
 
+def test_calibration_reserve_stops_training_that_much_before_the_cap(
+    tiny_dataset, tmp_path, monkeypatch
+):
+    # A fake clock that advances 100 ms per step makes the stop exact on a loaded machine.
+    fake = {"ms": 0.0}
+    original_step = Trainer._train_step
+
+    def timed_step(self, scale):
+        fake["ms"] += 100.0
+        return original_step(self, scale)
+
+    monkeypatch.setattr(Trainer, "_train_step", timed_step)
+    monkeypatch.setattr(BudgetClock, "elapsed_train_ms", lambda self: fake["ms"])
+    monkeypatch.setattr(BudgetClock, "stop", lambda self: fake["ms"])
+    cfg = tiny_config(tiny_dataset, iterations=100, max_wallclock_seconds=1.0)
+    _, full = _train(cfg, tmp_path / "full")
+    fake["ms"] = 0.0
+    cfg.train.gptq_reserve_seconds = 0.75
+    _, reserved = _train(cfg, tmp_path / "reserved")
+    assert (full.stopped_by, full.steps) == ("wallclock", 10)
+    # Stops at the first step past 1.0 − 0.75 = 0.25 s, leaving the rest of the cap to calibration.
+    assert (reserved.stopped_by, reserved.steps) == ("wallclock", 3)
+    cfg.train.gptq_reserve_seconds = 1.0
+    with pytest.raises(PgolfError, match="gptq_reserve_seconds=1.0 must be"):
+        _train(cfg, tmp_path / "bad")
+
+
+# Every training switch at once: what a resumed run must restore is the union of their states.
+ALL_SWITCHES = dict(
+    checkpoint_every=5,
+    ema_enabled=True,
+    swa_enabled=True,
+    swa_every=1,
+    swa_start_frac=0.9,
+    late_qat_threshold=0.7,
+    qat_clip_percentile=99.95,
+    train_loader="coprime",
+    muon_wd=0.04,
+    muon_row_normalize=True,
+    muon_polar_express=True,
+    adam_wd=0.02,
+    embed_wd=0.05,
+    grad_clip_norm=0.3,
+    warmdown_frac=0.5,
+    min_lr=0.1,
+    lr_warmup_steps=3,
+)
+
+
+def test_a_crashed_run_with_every_switch_on_resumes_bit_exactly(
+    tiny_dataset, tmp_path, monkeypatch
+):
+    cfg = tiny_config(tiny_dataset, **ALL_SWITCHES)
+    # Resuming from step 10 restores SWA snapshots (steps 8–10), QAT already on (from step 9),
+    # the EMA, the loader's walks and every optimizer's decay state.
+    reference, ref_result = _train(cfg, tmp_path / "reference")
+    assert ref_result.weights.startswith("0.5·EMA + 0.5·SWA")
+
+    original_step = Trainer._train_step
+    calls = {"n": 0}
+
+    def crashing_step(self, scale):
+        calls["n"] += 1
+        if calls["n"] == 11:
+            raise KeyboardInterrupt("simulated kill")
+        return original_step(self, scale)
+
+    monkeypatch.setattr(Trainer, "_train_step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        _train(cfg, tmp_path / "crashed")
+    monkeypatch.setattr(Trainer, "_train_step", original_step)
+    resumed, result = _train(cfg, tmp_path / "crashed", resume=True)
+    assert result.weights == ref_result.weights
+    ref_state, got_state = reference.model.state_dict(), resumed.model.state_dict()
+    assert list(got_state) == list(ref_state)  # QAT left no trace in the parameter names
+    for name, value in ref_state.items():
+        assert torch.equal(value, got_state[name]), name
+
+
 def test_batch_that_does_not_divide_into_sequences_is_refused(tiny_dataset, tmp_path):
     cfg = tiny_config(tiny_dataset, train_batch_tokens=1000)
     with pytest.raises(PgolfError, match="train_batch_tokens=1000 is not a multiple"):
@@ -143,3 +232,60 @@ def test_two_gloo_ranks_match_each_other_and_the_single_process_run(tiny_dataset
     # rank-local losses average to the global batch's loss; compare the mean of the two ranks
     ddp_loss = (r0["loss"] + r1["loss"]) / 2
     assert abs(ddp_loss - single_result.final_train_loss) < 1e-4
+
+
+def _per_rank_loader_worker(rank, world_size, port, data_dir, out_dir):
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        PGOLF_DEVICE="cpu",
+    )
+    torch.set_num_threads(1)
+    from pgolf.dist import init_world, shutdown
+
+    world = init_world()
+    cfg = tiny_config(data_dir, train_loader="shuffled", grad_accum_steps=1)
+    run_dir = out_dir / "ddp"
+    trainer = Trainer(cfg, resolve_dataset(cfg.data), world, run_dir, RunLog(run_dir, False))
+    for _ in range(3):
+        trainer.loader.next_batch(1024, 64, 1)
+    saved = trainer.state_dict()  # collective: every rank's loader position
+    expected = trainer.loader.next_batch(1024, 64, 1)[0]
+    fresh = Trainer(cfg, resolve_dataset(cfg.data), world, run_dir, RunLog(run_dir, False))
+    fresh.load_state_dict(saved)
+    resumed = fresh.loader.next_batch(1024, 64, 1)[0]
+    torch.save(
+        {"n": len(saved["loader"]["per_rank"]), "same": torch.equal(expected, resumed)},
+        out_dir / f"loader{rank}.pt",
+    )
+    shutdown(world)
+
+
+def test_per_rank_loader_positions_are_all_checkpointed_and_each_rank_gets_its_own(
+    tiny_dataset, tmp_path
+):
+    # The shuffled loader gives each rank its own shards, so rank 0's position is not rank 1's.
+    mp.spawn(_per_rank_loader_worker, args=(2, _free_port(), tiny_dataset, tmp_path), nprocs=2)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"loader{rank}.pt", weights_only=True)
+        assert got == {"n": 2, "same": True}
+
+
+def test_depth_recurrence_turns_on_at_the_configured_training_fraction(tiny_dataset, tmp_path):
+    cfg = tiny_config(tiny_dataset)
+    m = cfg.model
+    m.num_loops, m.loop_start, m.loop_end, m.enable_looping_at = 1, 1, 1, 0.5
+    trainer = Trainer(cfg, resolve_dataset(cfg.data), CPU_WORLD, tmp_path, RunLog(tmp_path, False))
+    seen = []
+    original = trainer._train_step
+
+    def spy(scale):
+        seen.append(trainer.model.recurrence_active)
+        return original(scale)
+
+    trainer._train_step = spy
+    trainer.run()
+    assert seen == [step / 12 >= 0.5 for step in range(12)]

@@ -1,8 +1,10 @@
-"""The baseline's optimisers, routed by parameter role (SPEC §4.4), and their per-step knobs.
+"""The optimisers, routed by parameter role (SPEC §4.4, §5.17), and their per-step knobs.
 
 Matrices inside the blocks go to Muon; the embedding, an untied head and the small control tensors
 each get their own Adam with its own learning rate. Every param group remembers its `base_lr` so the
-schedule (SPEC §4.5) can rescale all of them with one number.
+schedule (SPEC §4.5) can rescale all of them with one number. With a weight decay set, the embedding
+and scalar groups use AdamW (decoupled decay, as S414/S1394); at 0 they stay plain Adam, the
+baseline.
 """
 
 from __future__ import annotations
@@ -17,14 +19,18 @@ from pgolf.model.roles import params_by_role
 from pgolf.train.muon import Muon
 
 
-def _adam(params: list[nn.Parameter], lr: float, cfg: TrainConfig) -> torch.optim.Adam:
+def _adam(
+    params: list[nn.Parameter], lr: float, cfg: TrainConfig, weight_decay: float = 0.0
+) -> torch.optim.Optimizer:
     # The fused kernel exists only for accelerator tensors; on CPU it would raise.
     fused = all(p.is_cuda for p in params)
-    return torch.optim.Adam(
+    # Adam's own weight_decay is an L2 term in the gradient; the records decay decoupled (AdamW).
+    kind = torch.optim.AdamW if weight_decay > 0 else torch.optim.Adam
+    return kind(
         [{"params": params, "lr": lr, "base_lr": lr}],
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.adam_eps,
-        weight_decay=0.0,
+        weight_decay=weight_decay,
         fused=fused,
     )
 
@@ -37,7 +43,7 @@ def build_optimizers(
     optimizers: list[torch.optim.Optimizer] = []
     if groups["embedding"]:
         lr = cfg.tied_embed_lr if tie_embeddings else cfg.embed_lr
-        optimizers.append(_adam(groups["embedding"], lr, cfg))
+        optimizers.append(_adam(groups["embedding"], lr, cfg, cfg.embed_wd))
     if groups["head"]:
         optimizers.append(_adam(groups["head"], cfg.head_lr, cfg))
     if groups["matrix"]:
@@ -46,12 +52,15 @@ def build_optimizers(
             lr=cfg.matrix_lr,
             momentum=cfg.muon_momentum,
             backend_steps=cfg.muon_backend_steps,
+            weight_decay=cfg.muon_wd,
+            row_normalize=cfg.muon_row_normalize,
+            polar_express=cfg.muon_polar_express,
         )
         for group in muon.param_groups:
             group["base_lr"] = cfg.matrix_lr
         optimizers.append(muon)
     if groups["scalar"]:
-        optimizers.append(_adam(groups["scalar"], cfg.scalar_lr, cfg))
+        optimizers.append(_adam(groups["scalar"], cfg.scalar_lr, cfg, cfg.adam_wd))
     return optimizers
 
 

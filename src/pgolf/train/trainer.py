@@ -1,14 +1,21 @@
-"""The training loop: Muon + Adam under a step cap and a wall-clock budget (SPEC §4.4–4.7).
+"""The training loop: Muon + Adam under a step cap and a wall-clock budget (SPEC §4.4–4.7, §5).
 
 One loop for CPU and CUDA, one process or many under torchrun. What counts as training time is
 kept by the BudgetClock; the wall-clock stop is agreed across ranks so every rank takes the same
-number of steps.
+number of steps. The stop comes `gptq_reserve_seconds` before the cap, so that calibration which
+reads training data still fits in the training budget (SPEC §1.3).
+
+Around the step: the LR schedule (§4.5/§5.26), late QAT switched on by the LR scale (§5.12),
+depth recurrence switched on by the training fraction (§5.28, when the model has it), and
+EMA/SWA folded in after each step and loaded at the end (§5.5, §5.6). The final checkpoint holds
+the raw weights and the averages, so a resumed run continues bit-exactly.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,9 +34,10 @@ from pgolf.fileio import atomic_write
 from pgolf.model.gpt import GPT
 from pgolf.progress import progress_bar
 from pgolf.runlog import RunLog
+from pgolf.train.averaging import WeightAverager, ema_window_warning
 from pgolf.train.checkpoint import load_checkpoint, save_checkpoint
 from pgolf.train.clock import BudgetClock
-from pgolf.train.loader import DistributedTokenLoader
+from pgolf.train.loader import build_train_loader
 from pgolf.train.optim import (
     build_optimizers,
     maybe_clip_grads,
@@ -37,7 +45,8 @@ from pgolf.train.optim import (
     set_lr_scale,
     set_muon_momentum,
 )
-from pgolf.train.schedule import lr_scale
+from pgolf.train.qat import QAT
+from pgolf.train.schedule import training_frac, warmdown_scale, warmup_factor
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -60,6 +69,7 @@ class TrainResult:
     tokens_seen: int
     final_train_loss: float
     stopped_by: str  # "iterations" or "wallclock"
+    weights: str = "raw weights"  # what the returned model holds: raw, EMA, SWA or a blend
 
 
 def grad_accum_steps(cfg: RunConfig, world_size: int) -> int:
@@ -83,6 +93,19 @@ def check_batch_shape(cfg: RunConfig, world_size: int, accum: int) -> None:
         )
 
 
+def effective_cap_ms(cfg: RunConfig) -> float | None:
+    """Where the training loop must stop: the wall-clock cap minus the calibration reserve."""
+    t = cfg.train
+    if t.max_wallclock_seconds <= 0:
+        return None
+    if not 0 <= t.gptq_reserve_seconds < t.max_wallclock_seconds:
+        raise PgolfError(
+            f"train.gptq_reserve_seconds={t.gptq_reserve_seconds} must be ≥ 0 and below "
+            f"train.max_wallclock_seconds={t.max_wallclock_seconds}"
+        )
+    return 1000.0 * (t.max_wallclock_seconds - t.gptq_reserve_seconds)
+
+
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % (2**32))
@@ -104,6 +127,13 @@ class Trainer:
         self.accum = grad_accum_steps(cfg, world.world_size)
         check_batch_shape(cfg, world.world_size, self.accum)
         self.model = build_model(cfg, world.device)
+        t = cfg.train
+        # Attached before compiling, so the fake-quant branch is in the graph from the first trace
+        # and switching it on later needs no recompile (SPEC §5.12).
+        self.qat: QAT | None = None
+        if t.qat_enabled or t.late_qat_threshold > 0:
+            self.qat = QAT(self.model, t.qat_bits, t.qat_clip_percentile)
+            self.qat.set_active(t.qat_enabled)
         loss_module: nn.Module = _LossModule(self.model)
         if cfg.train.compile and world.is_cuda:
             loss_module = torch.compile(loss_module, dynamic=False, fullgraph=True)
@@ -114,9 +144,14 @@ class Trainer:
             )
         self.loss_module = loss_module
         self.optimizers = build_optimizers(self.model, cfg.train, cfg.model.tie_embeddings)
-        self.loader = DistributedTokenLoader(data.train, world.rank, world.world_size, world.device)
+        self.loader = build_train_loader(
+            t.train_loader, data.train, world.rank, world.world_size, world.device, t.loader_seed
+        )
+        self.averager = WeightAverager(self.model, t)
         self.step = 0
         self.clock = BudgetClock(world.device)
+        self.cap_ms = effective_cap_ms(cfg)
+        self._looping: bool | None = None
 
     # -- one optimizer step ------------------------------------------------------------------
     def _train_step(self, scale: float) -> float:
@@ -140,12 +175,67 @@ class Trainer:
             opt.step()
         return total / self.accum
 
+    # -- switches driven by the schedule --------------------------------------------------------
+    def _recurrence_frac(self) -> float | None:
+        """The training fraction at which looping starts, or None when the model has none."""
+        m = self.cfg.model
+        if getattr(m, "num_loops", 0) <= 0 or not hasattr(self.model, "set_recurrence"):
+            return None
+        return float(getattr(m, "enable_looping_at", 0.0))
+
+    def _set_looping(self, active: bool) -> None:
+        if active != self._looping:
+            self.model.set_recurrence(active)
+            self._looping = active
+
+    def _update_switches(self, scale: float, elapsed_ms: float) -> None:
+        """`scale` is the warm-down scale (no LR warm-up): the switches key on the warm-down."""
+        t = self.cfg.train
+        if (
+            self.qat is not None
+            and t.late_qat_threshold > 0
+            and scale < t.late_qat_threshold
+            and not self.qat.active
+        ):
+            self.qat.set_active(True)
+            self.log.text(f"late QAT on at step {self.step} (lr scale {scale:.4f})")
+        start = self._recurrence_frac()
+        if start is not None:
+            frac = training_frac(self.step, elapsed_ms, t.iterations, self.cap_ms)
+            looping = frac >= start
+            if looping and not self._looping:
+                self.log.text(f"depth recurrence on at step {self.step} (frac {frac:.3f})")
+            self._set_looping(looping)
+
     # -- state -------------------------------------------------------------------------------
+    def _loader_state(self):
+        state = self.loader.state_dict()
+        if getattr(self.loader, "rank_local_state", False) and self.world.distributed:
+            # Each rank walks its own shards; the checkpoint (written by rank 0) keeps all.
+            states: list = [None] * self.world.world_size
+            torch.distributed.all_gather_object(states, state)
+            return {"per_rank": states}
+        return state
+
+    def _load_loader_state(self, state) -> None:
+        if "per_rank" in state:
+            ranks = state["per_rank"]
+            if len(ranks) != self.world.world_size:
+                raise PgolfError(
+                    f"checkpoint was written by {len(ranks)} ranks; resume with the same number "
+                    f"(got {self.world.world_size}) or use another train.train_loader"
+                )
+            state = ranks[self.world.rank]
+        self.loader.load_state_dict(state)
+
     def state_dict(self) -> dict:
+        """Everything that decides the rest of the run; collective when the loader is per-rank."""
         return {
             "model": self.model.state_dict(),
             "optimizers": [opt.state_dict() for opt in self.optimizers],
-            "loader": self.loader.state_dict(),
+            "loader": self._loader_state(),
+            "averaging": self.averager.state_dict(),
+            "qat_active": self.qat.active if self.qat is not None else False,
             "step": self.step,
             "train_ms": self.clock.train_ms,
         }
@@ -154,7 +244,11 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         for opt, opt_state in zip(self.optimizers, state["optimizers"], strict=True):
             opt.load_state_dict(opt_state)
-        self.loader.load_state_dict(state["loader"])
+        self._load_loader_state(state["loader"])
+        if "averaging" in state:
+            self.averager.load_state_dict(state["averaging"])
+        if self.qat is not None:
+            self.qat.set_active(bool(state.get("qat_active", self.cfg.train.qat_enabled)))
         self.step = int(state["step"])
         self.clock.train_ms = float(state["train_ms"])
 
@@ -166,14 +260,44 @@ class Trainer:
         initial = copy.deepcopy(self.state_dict())
         for _ in range(steps):
             self._train_step(scale=1.0)
+        if self._recurrence_frac() is not None:
+            # The looped forward is a second graph; compile it now too, not mid-run (S1394).
+            self._set_looping(True)
+            for _ in range(steps):
+                self._train_step(scale=1.0)
+            self._set_looping(False)
         self.load_state_dict(initial)
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         self.log.text(f"compile warm-up: {steps} steps run and undone")
 
     def _checkpoint(self) -> None:
+        state = self.state_dict()  # on every rank: gathering a per-rank loader is collective
         if self.world.is_main:
-            save_checkpoint(self.run_dir / "checkpoint", self.state_dict())
+            save_checkpoint(self.run_dir / "checkpoint", state)
+
+    def _agreed_elapsed_ms(self) -> float:
+        """Counted training time, the same number on every rank when a wall-clock cap is set.
+
+        Everything keyed to time (LR scale, late QAT, recurrence, EMA horizon, the stop) then
+        agrees across ranks: per-rank clocks would give ranks slightly different learning rates
+        and let their weights drift apart. One all-reduce per step, as the stop check needs.
+        """
+        elapsed = self.clock.elapsed_train_ms()
+        if self.cap_ms is None:
+            return elapsed
+        return all_reduce_max(elapsed, self.world)
+
+    def _warn_ema_window(self, run_steps: float) -> bool:
+        t = self.cfg.train
+        if not (self.averager.use_ema and t.ema_decay > 0):
+            return False
+        message = ema_window_warning(t.ema_decay, run_steps, t.ema_max_window_frac)
+        if message is None:
+            return False
+        warnings.warn(message, stacklevel=3)
+        self.log.text("warning: " + message)
+        return True
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self, resume: bool = False) -> TrainResult:
@@ -183,7 +307,13 @@ class Trainer:
             self.log.text(f"resumed at step {self.step} ({self.clock.train_ms:.0f} ms trained)")
         else:
             self._compile_warmup()
-        cap_ms = 1000.0 * t.max_wallclock_seconds if t.max_wallclock_seconds > 0 else None
+        cap_ms = self.cap_ms
+        if cap_ms is not None and t.gptq_reserve_seconds > 0:
+            self.log.text(
+                f"calibration reserve {t.gptq_reserve_seconds:g}s: training stops at "
+                f"{cap_ms / 1000:.1f}s of the {t.max_wallclock_seconds:g}s cap"
+            )
+        warned = self._warn_ema_window(t.iterations)
         tokens_per_step = t.train_batch_tokens
         stop_after: int | None = None
         stopped_by = "iterations"
@@ -192,18 +322,21 @@ class Trainer:
             total=t.iterations, initial=self.step, desc="train", enabled=self.world.is_main
         )
         self.clock.start()
+        elapsed = self._agreed_elapsed_ms()
         while self.step < t.iterations and (stop_after is None or self.step < stop_after):
-            scale = lr_scale(
-                self.step, self.clock.elapsed_train_ms(), t.iterations, t.warmdown_iters, cap_ms
-            )
+            decay = warmdown_scale(t, self.step, elapsed, cap_ms)
+            scale = decay * warmup_factor(self.step, t.lr_warmup_steps)
+            self._update_switches(decay, elapsed)
             loss = self._train_step(scale)
             self.step += 1
-            elapsed = self.clock.elapsed_train_ms()
+            elapsed = self._agreed_elapsed_ms()
+            self.averager.update(self.model, self.step, decay, elapsed, cap_ms)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             if self.world.is_main and (
                 self.step % max(t.train_log_every, 1) == 0 or self.step == 1
             ):
+                extra = {"ema_decay": self.averager.last_decay} if self.averager.use_ema else {}
                 self.log.metrics(
                     step=self.step,
                     train_loss=loss,
@@ -211,17 +344,13 @@ class Trainer:
                     tokens_seen=self.step * tokens_per_step,
                     train_time_ms=round(elapsed, 1),
                     step_avg_ms=round(elapsed / self.step, 2),
+                    **extra,
                 )
                 self.log.text(
                     f"step {self.step}/{t.iterations} train_loss {loss:.4f} lr_scale {scale:.4f} "
                     f"train_time {elapsed / 1000:.1f}s step_avg {elapsed / self.step:.1f}ms"
                 )
-            reached_cap = cap_ms is not None and stop_after is None and elapsed >= cap_ms
-            if (
-                cap_ms is not None
-                and stop_after is None
-                and all_reduce_max(reached_cap, self.world)
-            ):
+            if cap_ms is not None and stop_after is None and elapsed >= cap_ms:
                 stop_after = self.step
                 stopped_by = "wallclock"
             if t.checkpoint_every and self.step % t.checkpoint_every == 0:
@@ -229,8 +358,17 @@ class Trainer:
                     self._checkpoint()
         self.clock.stop()
         bar.close()
+        if not warned:
+            self._warn_ema_window(self.step)
         with self.clock.paused():
+            # The checkpoint keeps the raw weights and the running averages: resuming continues
+            # the trajectory, not the average.
             self._checkpoint()
+            weights = self.averager.apply_to(self.model) if self.averager.enabled else "raw weights"
+            if self.qat is not None:
+                self.qat.detach()
+                self.qat = None
+            self.log.text(f"final weights: {weights}")
             self.save_weights()
         return TrainResult(
             steps=self.step,
@@ -238,6 +376,7 @@ class Trainer:
             tokens_seen=self.step * tokens_per_step,
             final_train_loss=loss,
             stopped_by=stopped_by,
+            weights=weights,
         )
 
     def save_weights(self) -> Path:
