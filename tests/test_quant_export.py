@@ -97,7 +97,7 @@ def test_export_config_fields_are_flat_and_settable_by_env_names():
         environ={"MATRIX_CLIP_SIGMAS": "11.5", "EMBED_BITS": "7", "GPTQ_RESERVE_SECONDS": "8"},
     )
     assert cfg.export.matrix_clip_sigmas == 11.5 and cfg.export.embed_bits == 7
-    assert cfg.export.gptq_reserve_seconds == 8.0 and cfg.export.gptq_order == "asc"
+    assert cfg.train.gptq_reserve_seconds == 8.0 and cfg.export.gptq_order == "asc"
     assert config_from_dict(cfg.to_dict()).export == cfg.export
 
 

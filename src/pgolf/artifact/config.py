@@ -50,7 +50,6 @@ class ExportConfig:
     calib_batches: int = env_field("GPTQ_CALIBRATION_BATCHES", 64)
     calib_batch_tokens: int = 0  # 0 = train.train_batch_tokens
     calib_all_reduce: bool = False  # sum Hessians over ranks (the records keep rank 0's)
-    gptq_reserve_seconds: float = env_field("GPTQ_RESERVE_SECONDS", 0.0)  # trainer stops early
     selfgen_seqs: int = 64
     selfgen_len: int = 2048
     selfgen_temperature: float = 0.8

@@ -6,7 +6,7 @@ training data counts as training time. So:
   a validation shard outright, whether it comes as a path list or inside a DistributedTokenLoader;
   there is no switch that lets validation tokens through;
 - its caller times it (`timed`) and charges the seconds to training via the calibration reserve
-  (`export.gptq_reserve_seconds`).
+  (`train.gptq_reserve_seconds`).
 - `self_generated` (SPEC §5.23) samples sequences from the trained model itself: no data at all.
 """
 
