@@ -24,7 +24,7 @@ from pgolf.train.muon import (
 )
 from pgolf.train.optim import (
     build_optimizers,
-    maybe_clip_grads,
+    clip_grads,
     muon_momentum_at,
     set_lr_scale,
     set_muon_momentum,
@@ -210,9 +210,11 @@ def test_optimizers_reduce_a_simple_loss():
 def test_grad_clipping_is_off_at_zero_and_global_when_positive():
     a, b = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(4))
     a.grad, b.grad = torch.full((3,), 3.0), torch.full((4,), 4.0)
-    maybe_clip_grads([a, b], 0.0)
-    assert a.grad[0] == 3.0
-    maybe_clip_grads([a, b], 1.0)
+    expected = (3 * 9 + 4 * 16) ** 0.5
+    assert clip_grads([a, b], 0.0) is None
+    assert clip_grads([a, b], 0.0, measure=True) == pytest.approx(expected, rel=1e-6)
+    assert a.grad[0] == 3.0  # measuring never clips
+    assert clip_grads([a, b], 1.0, measure=True) == pytest.approx(expected, rel=1e-6)  # pre-clip
     total = torch.cat([a.grad, b.grad]).norm()
     assert total == pytest.approx(1.0, rel=1e-5)
 

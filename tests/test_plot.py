@@ -34,6 +34,7 @@ def two_tiny_runs(tiny_dataset, tmp_path_factory):
     runs = []
     for seed in (1, 2):
         cfg = tiny_config(tiny_dataset, iterations=4, warmdown_iters=2, seed=seed)
+        cfg.train.val_loss_every = 2  # one in-training score, at step 2
         with one_torch_thread():
             run_pipeline(root / f"tiny_s{seed}", cfg, init_world(), echo=False)
         runs.append(root / f"tiny_s{seed}")
@@ -46,8 +47,10 @@ def test_plot_renders_one_png_with_every_panel_for_two_runs(two_tiny_runs, tmp_p
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert result["axes"] == len(PANELS) == 5
     assert [r["steps"] for r in result["runs"]] == [4, 4]
+    assert [r["val_points"] for r in result["runs"]] == [1, 1]
     for run in result["runs"]:
         assert set(run["bpb"]) >= {"pre_quant", "nonoverlapping"}
+        assert "periodic" not in run["bpb"]  # the in-training curve is not a final score
         assert run["quant_gap"] == pytest.approx(
             run["bpb"]["nonoverlapping"] - run["bpb"]["pre_quant"]
         )

@@ -115,9 +115,9 @@ def test_late_qat_switches_on_below_the_lr_threshold_and_leaves_the_state_dict_a
     seen = []
     original = trainer._train_step
 
-    def spy(scale):
+    def spy(scale, measure=False):
         seen.append((scale, trainer.qat.active))
-        return original(scale)
+        return original(scale, measure)
 
     trainer._train_step = spy
     trainer.run()

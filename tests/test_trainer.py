@@ -1,6 +1,7 @@
 """Training: determinism, resume after a crash, the compile warm-up undone, DDP over gloo."""
 
 import json
+import math
 import os
 import socket
 
@@ -34,8 +35,12 @@ def _train(cfg, run_dir, world=CPU_WORLD, resume=False):
     return trainer, result
 
 
+def _records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def _losses(run_dir):
-    return [r["train_loss"] for r in map(json.loads, open(run_dir / "metrics.jsonl"))]
+    return [r["train_loss"] for r in _records(run_dir) if "train_loss" in r]
 
 
 def _logged_train(cfg, run_dir):
@@ -58,6 +63,35 @@ def test_same_seed_same_config_gives_a_bit_identical_loss_curve(tiny_dataset, tm
     assert not torch.equal(next(c.model.parameters()), next(a.model.parameters()))
 
 
+def test_periodic_validation_runs_every_k_steps_and_leaves_training_untouched(
+    tiny_dataset, tmp_path
+):
+    seen = []
+
+    def validate(model):
+        seen.append((trainer.step, model.training))
+        with torch.no_grad():  # a real forward: it must not disturb the trajectory
+            model.loss(torch.zeros(1, 8, dtype=torch.long), torch.ones(1, 8, dtype=torch.long))
+        return {"val_loss": 1.5, "val_bpb": 0.75}
+
+    cfg = tiny_config(tiny_dataset, val_loss_every=3)  # 12 iterations
+    (tmp_path / "val").mkdir()
+    log = RunLog(tmp_path / "val", True, False)
+    trainer = Trainer(cfg, resolve_dataset(cfg.data), CPU_WORLD, tmp_path / "val", log, validate)
+    trainer.run()
+    assert seen == [(3, True), (6, True), (9, True)]  # not 12: the pre-quant score follows
+    records = _records(tmp_path / "val")
+    periodic = [r for r in records if r.get("eval_mode") == "periodic"]
+    assert [(r["step"], r["val_bpb"]) for r in periodic] == [(3, 0.75), (6, 0.75), (9, 0.75)]
+    steps = [r for r in records if "train_loss" in r]
+    assert all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in steps)
+    plain = _logged_train(tiny_config(tiny_dataset), tmp_path / "plain")
+    for (name, a), b in zip(
+        trainer.model.named_parameters(), plain.model.parameters(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
 def test_loss_falls_on_official_fineweb_tokens(tiny_dataset, tmp_path):
     cfg = tiny_config(tiny_dataset, iterations=40, warmdown_iters=10)
     _logged_train(cfg, tmp_path / "run")
@@ -73,11 +107,11 @@ def test_a_crashed_run_resumes_to_the_same_weights(tiny_dataset, tmp_path, monke
     original_step = Trainer._train_step
     calls = {"n": 0}
 
-    def crashing_step(self, scale):
+    def crashing_step(self, scale, measure=False):
         calls["n"] += 1
         if calls["n"] == 8:
             raise KeyboardInterrupt("simulated kill")
-        return original_step(self, scale)
+        return original_step(self, scale, measure)
 
     monkeypatch.setattr(Trainer, "_train_step", crashing_step)
     with pytest.raises(KeyboardInterrupt):
@@ -113,9 +147,9 @@ def test_calibration_reserve_stops_training_that_much_before_the_cap(
     fake = {"ms": 0.0}
     original_step = Trainer._train_step
 
-    def timed_step(self, scale):
+    def timed_step(self, scale, measure=False):
         fake["ms"] += 100.0
-        return original_step(self, scale)
+        return original_step(self, scale, measure)
 
     monkeypatch.setattr(Trainer, "_train_step", timed_step)
     monkeypatch.setattr(BudgetClock, "elapsed_train_ms", lambda self: fake["ms"])
@@ -167,11 +201,11 @@ def test_a_crashed_run_with_every_switch_on_resumes_bit_exactly(
     original_step = Trainer._train_step
     calls = {"n": 0}
 
-    def crashing_step(self, scale):
+    def crashing_step(self, scale, measure=False):
         calls["n"] += 1
         if calls["n"] == 11:
             raise KeyboardInterrupt("simulated kill")
-        return original_step(self, scale)
+        return original_step(self, scale, measure)
 
     monkeypatch.setattr(Trainer, "_train_step", crashing_step)
     with pytest.raises(KeyboardInterrupt):
@@ -282,9 +316,9 @@ def test_depth_recurrence_turns_on_at_the_configured_training_fraction(tiny_data
     seen = []
     original = trainer._train_step
 
-    def spy(scale):
+    def spy(scale, measure=False):
         seen.append(trainer.model.recurrence_active)
-        return original(scale)
+        return original(scale, measure)
 
     trainer._train_step = spy
     trainer.run()

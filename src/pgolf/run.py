@@ -34,6 +34,7 @@ from pgolf.errors import PgolfError
 from pgolf.eval.bpb import TorchByteTables
 from pgolf.eval.evaluate import evaluate
 from pgolf.eval.prequant import prequant_ttt
+from pgolf.eval.score import score_nonoverlapping
 from pgolf.fileio import write_text_atomic
 from pgolf.model.gpt import GPT
 from pgolf.observe.sinks import open_sinks, require_sinks
@@ -138,6 +139,26 @@ def score_without_ttt(
     )
 
 
+def periodic_validator(cfg: RunConfig, data: EvalData, world: World):
+    """The in-training check of `train.val_loss_every`: non-overlapping, as the official loop.
+
+    It watches the curve, so it is the cheap mode whatever the run's final eval mode is.
+    """
+
+    def validate(model: torch.nn.Module) -> dict:
+        sums = score_nonoverlapping(
+            model,
+            data.tokens,
+            eval_seq_len(cfg),
+            cfg.eval.val_batch_tokens,
+            data.byte_tables,
+            world,
+        )
+        return {"val_loss": sums.loss, "val_bpb": sums.bpb}
+
+    return validate
+
+
 # -- stages ----------------------------------------------------------------------------------
 def train_stage(
     run_dir: Path,
@@ -153,7 +174,9 @@ def train_stage(
         run_dir, world.is_main, echo, open_sinks(loggers, run_dir) if world.is_main else ()
     )
     eval_data = EvalData(cfg, files, world.device)
-    trainer = Trainer(cfg, files, world, run_dir, log)
+    trainer = Trainer(
+        cfg, files, world, run_dir, log, validate=periodic_validator(cfg, eval_data, world)
+    )
     log.header(cfg.to_dict(), str(world.device), world.world_size)
     result = trainer.run(resume=resume)
     extra = {}

@@ -13,7 +13,7 @@ from pgolf.errors import PgolfError
 from pgolf.observe.runs import RunRecords, artifact_bytes_per_class, load_run
 
 PANELS = (
-    "train loss vs step",
+    "loss vs step (validation dashed)",
     "train loss vs training time",
     "val_bpb per eval mode",
     "quant gap",
@@ -72,10 +72,17 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, title: str | None = N
         axes[0].plot(steps, loss, **style)
         if run.steps and "train_time_ms" in run.steps[0]:
             axes[1].plot([r["train_time_ms"] / 1000 for r in run.steps], loss, **style)
+        if run.val_curve:
+            # Same units (nats/token) as the training loss; dashed with markers to tell them apart.
+            val_style = {"color": color[run.path], "ls": "--", "marker": "s", "ms": 4, "lw": 1.0}
+            val_steps = [r["step"] for r in run.val_curve]
+            val_loss = [r["val_loss"] for r in run.val_curve]
+            axes[0].plot(val_steps, val_loss, label=f"{run.name} (val)", **val_style)
         summary["runs"].append(
             {
                 "run": str(run.path),
                 "steps": len(run.steps),
+                "val_points": len(run.val_curve),
                 "bpb": run.bpb_by_mode(),
                 "quant_gap": run.quant_gap(),
             }

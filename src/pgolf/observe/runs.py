@@ -9,6 +9,7 @@ from typing import Any
 
 from pgolf.errors import PgolfError
 
+PERIODIC = "periodic"  # eval_mode of the in-training validation (pgolf.train.trainer)
 ARTIFACT_NAME = "artifact.pgolf"  # as pgolf.run writes it (not imported: that pulls in training)
 
 
@@ -17,6 +18,7 @@ class RunRecords:
     path: Path
     steps: list[dict[str, Any]] = field(default_factory=list)  # training-step records
     evals: list[dict[str, Any]] = field(default_factory=list)  # records with an eval_mode
+    val_curve: list[dict[str, Any]] = field(default_factory=list)  # train.val_loss_every scores
     report: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -61,7 +63,9 @@ def load_run(run_dir: str | Path) -> RunRecords:
             if number == len(metrics.read_text().splitlines()):
                 break
             raise PgolfError(f"{metrics}:{number}: not a JSON object") from None
-        if "eval_mode" in record:
+        if record.get("eval_mode") == PERIODIC:
+            run.val_curve.append(record)
+        elif "eval_mode" in record:
             run.evals.append(record)
         elif "train_loss" in record:
             run.steps.append(record)

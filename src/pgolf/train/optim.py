@@ -85,7 +85,21 @@ def set_muon_momentum(optimizers: Iterable[torch.optim.Optimizer], momentum: flo
                 group["momentum"] = momentum
 
 
-def maybe_clip_grads(params: Iterable[nn.Parameter], max_norm: float) -> None:
-    """Global-norm clipping over all parameters; max_norm <= 0 means off (the baseline)."""
+def clip_grads(
+    params: Iterable[nn.Parameter], max_norm: float, measure: bool = False
+) -> float | None:
+    """Global-norm clipping over all parameters (max_norm <= 0: off, the baseline).
+
+    Returns the pre-clip global norm when `measure` is set, else None: reading it back syncs the
+    device, so the trainer asks only on its logging steps.
+    """
+    params = [p for p in params if p.grad is not None]
     if max_norm > 0:
-        torch.nn.utils.clip_grad_norm_(list(params), max_norm)
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    elif measure:
+        norm = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(p.grad.detach().float()) for p in params])
+        )
+    else:
+        return None
+    return float(norm) if measure else None

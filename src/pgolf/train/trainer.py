@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from pgolf.train.clock import BudgetClock
 from pgolf.train.loader import build_train_loader
 from pgolf.train.optim import (
     build_optimizers,
-    maybe_clip_grads,
+    clip_grads,
     muon_momentum_at,
     set_lr_scale,
     set_muon_momentum,
@@ -118,9 +119,17 @@ def build_model(cfg: RunConfig, device: torch.device) -> GPT:
 
 class Trainer:
     def __init__(
-        self, cfg: RunConfig, data: DatasetFiles, world: World, run_dir: Path, log: RunLog
+        self,
+        cfg: RunConfig,
+        data: DatasetFiles,
+        world: World,
+        run_dir: Path,
+        log: RunLog,
+        validate: Callable[[GPT], dict] | None = None,
     ):
+        """`validate(model)` → {"val_loss", "val_bpb"} runs every `val_loss_every` steps."""
         self.cfg = cfg
+        self.validate = validate
         self.world = world
         self.run_dir = Path(run_dir)
         self.log = log
@@ -154,7 +163,8 @@ class Trainer:
         self._looping: bool | None = None
 
     # -- one optimizer step ------------------------------------------------------------------
-    def _train_step(self, scale: float) -> float:
+    def _train_step(self, scale: float, measure: bool = False) -> tuple[float, float | None]:
+        """One optimizer step; returns the mean loss and, when `measure`, the global grad norm."""
         t = self.cfg.train
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
@@ -170,10 +180,10 @@ class Trainer:
             total += loss.detach().float().item()
         set_muon_momentum(self.optimizers, muon_momentum_at(self.step, t))
         set_lr_scale(self.optimizers, scale)
-        maybe_clip_grads(self.model.parameters(), t.grad_clip_norm)
+        grad_norm = clip_grads(self.model.parameters(), t.grad_clip_norm, measure)
         for opt in self.optimizers:
             opt.step()
-        return total / self.accum
+        return total / self.accum, grad_norm
 
     # -- switches driven by the schedule --------------------------------------------------------
     def _recurrence_frac(self) -> float | None:
@@ -299,6 +309,27 @@ class Trainer:
         self.log.text("warning: " + message)
         return True
 
+    # -- logging and periodic validation ---------------------------------------------------------
+    def _is_log_step(self, step: int) -> bool:
+        return step == 1 or step % max(self.cfg.train.train_log_every, 1) == 0
+
+    def _is_validation_step(self, stop_after: int | None) -> bool:
+        """Every `val_loss_every` steps, never on the last one: the pre-quant score follows it."""
+        every = self.cfg.train.val_loss_every
+        if self.validate is None or every <= 0 or self.step % every:
+            return False
+        return self.step < self.cfg.train.iterations and stop_after is None
+
+    def _validate(self) -> None:
+        """Score the raw weights on validation (every rank: the sums are all-reduced)."""
+        result = self.validate(self.model)
+        if self.world.is_main:
+            self.log.metrics(step=self.step, eval_mode="periodic", **result)
+            self.log.text(
+                f"step {self.step}/{self.cfg.train.iterations} val_loss {result['val_loss']:.4f} "
+                f"val_bpb {result['val_bpb']:.4f}"
+            )
+
     # -- the loop ----------------------------------------------------------------------------
     def run(self, resume: bool = False) -> TrainResult:
         t = self.cfg.train
@@ -327,19 +358,19 @@ class Trainer:
             decay = warmdown_scale(t, self.step, elapsed, cap_ms)
             scale = decay * warmup_factor(self.step, t.lr_warmup_steps)
             self._update_switches(decay, elapsed)
-            loss = self._train_step(scale)
+            logging = self.world.is_main and self._is_log_step(self.step + 1)
+            loss, grad_norm = self._train_step(scale, measure=logging)
             self.step += 1
             elapsed = self._agreed_elapsed_ms()
             self.averager.update(self.model, self.step, decay, elapsed, cap_ms)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-            if self.world.is_main and (
-                self.step % max(t.train_log_every, 1) == 0 or self.step == 1
-            ):
+            if logging:
                 extra = {"ema_decay": self.averager.last_decay} if self.averager.use_ema else {}
                 self.log.metrics(
                     step=self.step,
                     train_loss=loss,
+                    grad_norm=grad_norm,
                     lr_scale=scale,
                     tokens_seen=self.step * tokens_per_step,
                     train_time_ms=round(elapsed, 1),
@@ -353,6 +384,9 @@ class Trainer:
             if cap_ms is not None and stop_after is None and elapsed >= cap_ms:
                 stop_after = self.step
                 stopped_by = "wallclock"
+            if self._is_validation_step(stop_after):
+                with self.clock.paused():
+                    self._validate()
             if t.checkpoint_every and self.step % t.checkpoint_every == 0:
                 with self.clock.paused():
                     self._checkpoint()
