@@ -92,8 +92,9 @@ def test_run_end_to_end_writes_the_run_directory_and_an_honest_report(
     for key in ("val_bpb", "val_loss", "val_tokens", "val_bytes", "pre_quant_val_bpb",
                 "bytes_model", "bytes_code", "bytes_total", "train_time_s", "calib_time_s",
                 "eval_time_s", "ttt", "steps", "seed", "world_size", "device", "compliance",
-                "pgolf_version", "config_sha256"):  # fmt: skip
+                "pgolf_version", "config_sha256", "codec"):  # fmt: skip
         assert key in report, key
+    assert report["codec"] == "int8-zlib"
     assert report["steps"] == 6 and report["val_tokens"] == 4096
     assert report["bytes_total"] == report["bytes_code"] + report["bytes_model"]
     assert report["bytes_model"] == (run / "artifact.pgolf").stat().st_size
@@ -127,9 +128,19 @@ def test_mixed_gptq_export_end_to_end(tiny_dataset, tmp_path, capsys):
     assert code == 0, err
     report = json.loads(out)
     assert report["calib_time_s"] > 0 and report["calibration"]["calib_source"] == "train"
+    assert report["codec"] == "mixed"
     assert report["quant"]["gptq_fallbacks"] == {}
     assert (run / "quant_report.json").is_file()
     assert report["bytes_model"] == (run / "artifact.pgolf").stat().st_size
     # int6 GPTQ of a 2-layer model: smaller than the int8 artifact, and still close to float
     assert abs(report["val_bpb"] - report["pre_quant_val_bpb"]) < 0.1
     assert "calibration" in report["compliance"]["training_under_600s"]["detail"]
+
+
+def test_the_summary_names_the_codec_and_mode_that_made_the_headline_score():
+    from pgolf.run import summary_rows
+
+    rows = dict(summary_rows({"codec": "mixed", "eval_mode": "sliding", "ttt": {"chunks": 3}}))
+    assert "val_bpb (mixed, sliding + TTT)" in rows
+    rows = dict(summary_rows({"codec": "int8-zlib", "eval_mode": "nonoverlapping", "ttt": None}))
+    assert "val_bpb (int8-zlib, nonoverlapping)" in rows

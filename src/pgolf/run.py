@@ -237,7 +237,7 @@ def export_stage(run_dir: Path, world: World, echo: bool = True) -> dict:
     if not weights.is_file():
         raise PgolfError(f"{weights}: no trained weights; run `pgolf train {run_dir}` first")
     artifact = Path(run_dir) / ARTIFACT_NAME
-    fields: dict[str, Any] = {}
+    fields: dict[str, Any] = {"codec": cfg.export.codec}
     if cfg.export.codec == "int8-zlib":
         if world.is_main:
             arrays, meta = quantize_state_dict_int8(load_file(weights))
@@ -396,8 +396,10 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
         value = report.get(key)
         return "—" if value is None else format(value, spec)
 
+    # The headline score: the artifact decoded, in the run's eval mode, after TTT when it is on.
+    mode = report.get("eval_mode", "?") + (" + TTT" if report.get("ttt") else "")
     return [
-        ("val_bpb (int8 round trip)", fmt("val_bpb", ".4f")),
+        (f"val_bpb ({report.get('codec', 'artifact')}, {mode})", fmt("val_bpb", ".4f")),
         ("pre-quant val_bpb", fmt("pre_quant_val_bpb", ".4f")),
         ("val_loss (nats/token)", fmt("val_loss", ".4f")),
         ("steps", fmt("steps", "d")),
