@@ -1,12 +1,16 @@
-"""Shared fixtures: the official files from $PGOLF_SHARED and a tiny dataset built from them."""
+"""Shared fixtures: one torch thread, the official files from $PGOLF_SHARED, a tiny dataset,
+and the set-up of a gloo rank for the two-process tests."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from pgolf.config import RunConfig, load_preset
 from pgolf.data.shards import read_shard, write_shard
@@ -14,6 +18,38 @@ from pgolf.settings import shared_data
 
 OFFICIAL_TOKENIZER = shared_data("tokenizers", "fineweb_1024_bpe.model")
 DEV_SHARD = shared_data("corpus", "fineweb_pg_sp1024_dev_shard", "fineweb_train_000000.bin")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    # The tests' matmuls are tiny: on a shared 2-core box two spinning OpenMP threads handing
+    # work back and forth made them 3–35× slower than one thread.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def join_cpu_world(rank: int, world_size: int, port: int):
+    """Inside an `mp.spawn` worker: the torchrun environment of one CPU rank, then init_world()."""
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        PGOLF_DEVICE="cpu",
+    )
+    torch.set_num_threads(1)
+    from pgolf.dist import init_world
+
+    return init_world()
 
 
 @pytest.fixture(scope="session")

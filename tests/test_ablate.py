@@ -2,27 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import pytest
-import torch
 
 from pgolf.cli import main
 from pgolf.errors import PgolfError
 from pgolf.observe.ablate import pipeline_run_fn, run_ablation, summarize, variants
-
-
-@contextlib.contextmanager
-def one_torch_thread():
-    # On 2 shared, loaded cores torch's 2 spinning threads make a tiny run 3× slower than 1 thread.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
 
 TINY = [
     "model.num_layers=2", "model.model_dim=64", "model.num_heads=4", "model.num_kv_heads=2",
@@ -60,8 +46,7 @@ def test_ablate_runs_every_variant_then_reuses_finished_ones(tiny_dataset, tmp_p
 
     def counting(run_dir, assignments):
         calls.append(run_dir.name)
-        with one_torch_thread():
-            return real(run_dir, assignments)
+        return real(run_dir, assignments)
 
     switch = ["model.ln_scale=true"]
     first = run_ablation("baseline", switch, 1, common, tmp_path / "abl", counting, base_seed=7)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
-import socket
 import warnings
 
 import numpy as np
@@ -23,18 +21,10 @@ from pgolf.eval.evaluate import evaluate
 from pgolf.eval.score import score_nonoverlapping
 from pgolf.model.config import ModelConfig
 from pgolf.model.gpt import GPT
-from tests.conftest import DEV_SHARD, OFFICIAL_TOKENIZER
+from tests.conftest import DEV_SHARD, OFFICIAL_TOKENIZER, free_port, join_cpu_world
 
 CPU_WORLD = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 TRAIN_SEQ_LEN = 64
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # -- helpers shared with test_ttt.py ---------------------------------------------------------
@@ -203,25 +193,10 @@ TTT_SETTINGS = dict(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_worker(rank, world_size, port, out_dir, state):
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        PGOLF_DEVICE="cpu",
-    )
-    torch.set_num_threads(1)
-    from pgolf.dist import init_world, shutdown
+    from pgolf.dist import shutdown
 
-    world = init_world()
+    world = join_cpu_world(rank, world_size, port)
     model = GPT(ModelConfig(num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2))
     model.load_state_dict(state)
     tokens = stream_tokens(2049)
@@ -236,7 +211,7 @@ def test_two_gloo_ranks_give_the_sums_of_one_process(tmp_path):
     plain = run_eval(tiny_model(), tokens, eval_mode="sliding", eval_stride=32)
     ttt = run_eval(tiny_model(), tokens, **TTT_SETTINGS)
     state = tiny_model().state_dict()
-    mp.spawn(_rank_worker, args=(2, _free_port(), tmp_path, state), nprocs=2, join=True)
+    mp.spawn(_rank_worker, args=(2, free_port(), tmp_path, state), nprocs=2, join=True)
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
         assert got["plain"]["val_tokens"] == plain["val_tokens"] == 2048

@@ -21,16 +21,6 @@ from pgolf.model.roles import ROLES, params_by_role, role_of
 TINY = ModelConfig(vocab_size=97, num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These matmuls are tiny: on a busy 2-core box, intra-op thread hand-offs made a forward
-    # 35x slower (60 ms vs 1.7 ms). Restored afterwards so other test files are unaffected.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(**changes) -> GPT:
     torch.manual_seed(0)
     return GPT(dataclasses.replace(TINY, **changes))

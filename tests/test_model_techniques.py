@@ -47,14 +47,6 @@ TECHNIQUES["everything"] = {k: v for d in TECHNIQUES.values() for k, v in d.item
 TECHNIQUES["everything"]["num_kv_heads"] = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: thread hand-offs cost more than they save
-    yield
-    torch.set_num_threads(before)
-
-
 def cfg_with(**changes) -> ModelConfig:
     return dataclasses.replace(TINY, **changes)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -37,6 +36,7 @@ from pgolf.train.schedule import (
     warmdown_scale,
     warmup_factor,
 )
+from tests.conftest import free_port
 
 
 def ns5_reference(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
@@ -448,15 +448,9 @@ def _distributed_worker(rank, world_size, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_distributed_muon_splits_work_but_every_rank_ends_with_the_single_process_weights(tmp_path):
     world_size = 2
-    mp.spawn(_distributed_worker, args=(world_size, _free_port(), str(tmp_path)), nprocs=world_size)
+    mp.spawn(_distributed_worker, args=(world_size, free_port(), str(tmp_path)), nprocs=world_size)
     weights, grads = _make_params_and_grads()
     expected = _run_muon(weights, grads)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]

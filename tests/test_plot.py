@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import pytest
-import torch
 
 from pgolf.cli import main
 from pgolf.dist import init_world
@@ -17,17 +15,6 @@ from pgolf.run import run_pipeline
 from tests.conftest import tiny_config
 
 
-@contextlib.contextmanager
-def one_torch_thread():
-    # On 2 shared, loaded cores torch's 2 spinning threads make a tiny run 3× slower than 1 thread.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def two_tiny_runs(tiny_dataset, tmp_path_factory):
     root = tmp_path_factory.mktemp("plot_runs")
@@ -35,8 +22,7 @@ def two_tiny_runs(tiny_dataset, tmp_path_factory):
     for seed in (1, 2):
         cfg = tiny_config(tiny_dataset, iterations=4, warmdown_iters=2, seed=seed)
         cfg.train.val_loss_every = 2  # one in-training score, at step 2
-        with one_torch_thread():
-            run_pipeline(root / f"tiny_s{seed}", cfg, init_world(), echo=False)
+        run_pipeline(root / f"tiny_s{seed}", cfg, init_world(), echo=False)
         runs.append(root / f"tiny_s{seed}")
     return runs
 

@@ -19,14 +19,6 @@ from pgolf.quant.pipeline import export_mixed, hessian_names
 from pgolf.quant.policy import plan_tensors
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def small_model() -> GPT:
     """2 layers × 64: every matrix is below 65,536 elements, so tests lower the fp16 limit."""
     cfg = load_preset("baseline").model

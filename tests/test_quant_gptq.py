@@ -10,14 +10,6 @@ from pgolf.quant.gptq import ClipRule, GPTQOptions, gptq_sweep, hessian_error, q
 from pgolf.quant.grid import dequantize, qmax_for, quantize_rtn, to_fp16_scale
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def correlated_inputs(n: int, d: int, seed: int, mix_seed: int = 0) -> torch.Tensor:
     """Samples (seeded by `seed`) of one fixed correlated distribution (fixed by `mix_seed`)."""
     mix = torch.randn(d, d, generator=torch.Generator().manual_seed(mix_seed)) / d**0.5

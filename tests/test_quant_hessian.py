@@ -16,14 +16,6 @@ from pgolf.quant.hessian import HessianCollector, collect_hessians
 from pgolf.train.loader import DistributedTokenLoader
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def tiny_gpt(layers: int = 2, dim: int = 32) -> GPT:
     cfg = load_preset("baseline").model
     cfg.num_layers, cfg.model_dim, cfg.num_heads, cfg.num_kv_heads = layers, dim, 4, 2

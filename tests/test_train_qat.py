@@ -17,15 +17,6 @@ from tests.conftest import tiny_config
 CPU_WORLD = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls on a shared 2-core box: one thread avoids OpenMP spin contention (≈5x faster).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _tiny_gpt() -> GPT:
     torch.manual_seed(0)
     model = GPT(ModelConfig(num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2))

@@ -2,8 +2,6 @@
 
 import json
 import math
-import os
-import socket
 
 import pytest
 import torch
@@ -15,18 +13,9 @@ from pgolf.errors import PgolfError
 from pgolf.runlog import RunLog
 from pgolf.train.clock import BudgetClock
 from pgolf.train.trainer import Trainer
-from tests.conftest import tiny_config
+from tests.conftest import free_port, join_cpu_world, tiny_config
 
 CPU_WORLD = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls on a shared 2-core box: one thread avoids OpenMP spin contention (≈5x faster).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _train(cfg, run_dir, world=CPU_WORLD, resume=False):
@@ -226,25 +215,12 @@ def test_batch_that_does_not_divide_into_sequences_is_refused(tiny_dataset, tmp_
 
 
 # -- two gloo processes ----------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ddp_worker(rank, world_size, port, data_dir, out_dir, iterations=12):
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        PGOLF_DEVICE="cpu",
-    )
-    torch.set_num_threads(1)
-    from pgolf.dist import init_world, shutdown
+    from pgolf.dist import shutdown
 
-    world = init_world()
+    world = join_cpu_world(rank, world_size, port)
     cfg = tiny_config(data_dir, iterations=iterations)
     run_dir = out_dir / "ddp"
     trainer = Trainer(cfg, resolve_dataset(cfg.data), world, run_dir, RunLog(run_dir, False))
@@ -255,9 +231,8 @@ def _ddp_worker(rank, world_size, port, data_dir, out_dir, iterations=12):
 
 
 def test_two_gloo_ranks_match_each_other_and_the_single_process_run(tiny_dataset, tmp_path):
-    torch.set_num_threads(1)
     single, single_result = _train(tiny_config(tiny_dataset), tmp_path / "single")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), tiny_dataset, tmp_path), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), tiny_dataset, tmp_path), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     for name, w in r0["weights"].items():
@@ -269,18 +244,9 @@ def test_two_gloo_ranks_match_each_other_and_the_single_process_run(tiny_dataset
 
 
 def _per_rank_loader_worker(rank, world_size, port, data_dir, out_dir):
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        PGOLF_DEVICE="cpu",
-    )
-    torch.set_num_threads(1)
-    from pgolf.dist import init_world, shutdown
+    from pgolf.dist import shutdown
 
-    world = init_world()
+    world = join_cpu_world(rank, world_size, port)
     cfg = tiny_config(data_dir, train_loader="shuffled", grad_accum_steps=1)
     run_dir = out_dir / "ddp"
     trainer = Trainer(cfg, resolve_dataset(cfg.data), world, run_dir, RunLog(run_dir, False))
@@ -302,7 +268,7 @@ def test_per_rank_loader_positions_are_all_checkpointed_and_each_rank_gets_its_o
     tiny_dataset, tmp_path
 ):
     # The shuffled loader gives each rank its own shards, so rank 0's position is not rank 1's.
-    mp.spawn(_per_rank_loader_worker, args=(2, _free_port(), tiny_dataset, tmp_path), nprocs=2)
+    mp.spawn(_per_rank_loader_worker, args=(2, free_port(), tiny_dataset, tmp_path), nprocs=2)
     for rank in range(2):
         got = torch.load(tmp_path / f"loader{rank}.pt", weights_only=True)
         assert got == {"n": 2, "same": True}

@@ -35,14 +35,6 @@ CHUNK = 512
 N_TARGETS = 8 * CHUNK  # 8 chunks
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _ttt(model, tokens, restore=True, documents=None, **settings):
     """Score-first TTT over `tokens`: windows of 64, stride 32, chunks of 512, 2 epochs."""
     base = dict(eval_mode="sliding", eval_stride=32, ttt_enabled=True, ttt_chunk_tokens=CHUNK)
