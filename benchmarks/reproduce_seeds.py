@@ -54,6 +54,13 @@ def shrink(preset: str, steps: int, seed: int) -> list[str]:
         "train.max_wallclock_seconds": 0,
         "train.seed": seed,
         "eval.eval_seq_len": 256,
+        # The records keep tensors of ≤ 65,536 elements in fp16 at width 512; at width 128 every
+        # matrix is that small, so the threshold shrinks with the width² (÷ 16) to keep its
+        # meaning: vectors and gates stay fp16, matrices go through the preset's quantizer.
+        "export.keep_float_max_numel": 4096,
+        # With TTT on, also score the artifact without it: the post-quant column (eval time
+        # then includes that extra pass).
+        "eval.ttt_score_baseline": "true",
         "train.train_log_every": 10,  # enough points for `pgolf plot`
     }
     return [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pgolf.cli import main as cli_main
-from pgolf.config import ModelConfig, load_preset, preset_names, resolve_config
+from pgolf.config import ModelConfig, load_preset, preset_names, resolve_config, validate_config
 from pgolf.data.dataset import resolve_dataset
 from pgolf.dist import World
 from pgolf.errors import PgolfError
@@ -40,14 +40,6 @@ EXPECTED_PARAMS = {
 }
 RECORDS = sorted(set(EXPECTED_PARAMS) - {"baseline"})
 CPU_WORLD = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: thread hand-offs cost more than they save
-    yield
-    torch.set_num_threads(before)
 
 
 def param_count(cfg: ModelConfig) -> int:
@@ -99,14 +91,24 @@ def test_only_the_pre_quant_ttt_seed_is_marked_illegal():
 
 
 @pytest.mark.parametrize("name", RECORDS)
-def test_every_preset_value_cites_its_source_and_lists_pending_settings(name):
+def test_every_preset_value_cites_its_source_and_none_is_left_pending(name):
     from importlib import resources
 
     text = resources.files("pgolf.presets").joinpath(f"{name}.toml").read_text()
     assignments = [ln for ln in text.splitlines() if re.match(r"^[a-z_]+\s*=", ln)]
     uncommented = [ln for ln in assignments if "#" not in ln and not ln.startswith("illegal")]
     assert not uncommented
-    assert "# pending:" in text
+    assert "pending" not in text  # every setting of the record is a real field now
+
+
+@pytest.mark.parametrize("name", RECORDS)
+def test_every_record_preset_validates_with_its_training_export_and_eval_fields(name):
+    cfg = load_preset(name)
+    validate_config(cfg)
+    assert cfg.export.codec == "mixed"  # GPTQ / GPTQ-lite + per-section compression (SPEC §5.19)
+    assert cfg.eval.eval_mode == "sliding" and cfg.eval.eval_stride == 64  # SPEC §3.6
+    assert cfg.train.ema_enabled and cfg.train.ema_decay == 0  # the run-relative horizon
+    assert cfg.train.muon_wd > 0  # every record after S414 decays Muon weights (SPEC §5.17)
 
 
 def test_layer_lists_keep_their_meaning_when_num_layers_shrinks_to_4():
