@@ -87,9 +87,12 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, title: str | None = N
                 "quant_gap": run.quant_gap(),
             }
         )
-    for ax, xlabel in ((axes[0], "step"), (axes[1], "training time (s)")):
+    for ax, xlabel, ylabel in (
+        (axes[0], "step", "loss (nats/token)"),
+        (axes[1], "training time (s)", "train loss (nats/token)"),
+    ):
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("train loss (nats/token)")
+        ax.set_ylabel(ylabel)
         ax.legend(fontsize=8)
     _bpb_panel(axes[2], runs, color)
     _gap_panel(axes[3], runs, color)
