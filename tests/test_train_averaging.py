@@ -60,6 +60,28 @@ def test_swa_is_the_mean_of_snapshots_taken_every_k_steps_below_the_scale_thresh
         torch.testing.assert_close(averaged[name], (visited[4][name] + visited[6][name]) / 2)
 
 
+@pytest.mark.parametrize("iterations, every", [(400, 5), (4000, 50)])
+def test_relative_swa_interval_is_a_share_of_the_run_counted_from_the_last_snapshot(
+    iterations, every
+):
+    module = nn.Linear(3, 2)
+    cfg = TrainConfig(swa_enabled=True, swa_every_frac=0.0125, swa_start_frac=0.5)
+    cfg.iterations = iterations
+    averager = WeightAverager(module, cfg)
+    taken = []
+    for step in range(1, iterations + 1):
+        scale = 1.0 - step / iterations  # below 0.5 from step iterations/2 + 1 on
+        before = averager.swa_count
+        averager.update(module, step, scale, elapsed_ms=0.0, max_wallclock_ms=None)
+        if averager.swa_count > before:
+            taken.append(step)
+    first = iterations // 2 + 1
+    assert taken == list(range(first, iterations + 1, every))  # 40 snapshots either way
+    resumed = WeightAverager(module, cfg)
+    resumed.load_state_dict(averager.state_dict())
+    assert resumed.swa_last_step == taken[-1]
+
+
 def test_ema_and_swa_together_blend_by_swa_weight():
     module = nn.Linear(3, 2)
     cfg = TrainConfig(

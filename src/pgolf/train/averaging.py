@@ -6,7 +6,9 @@ trajectory, not the last iterate. Two kinds, usable alone or together:
 - EMA: an fp32 shadow of every state-dict tensor, `ema ← d·ema + (1 − d)·w` after each optimiser
   step, starting from the initial weights as upstream does.
 - SWA: the uniform mean of snapshots taken every `swa_every` steps while the LR scale is below
-  `swa_start_frac`, summed in fp32 (P639 summed bf16 tensors in bf16, which rounds).
+  `swa_start_frac`, summed in fp32 (P639 summed bf16 tensors in bf16, which rounds). With
+  `swa_every_frac` the interval is instead a share of the expected run length, counted from the
+  previous snapshot.
 
 With both, the result is `(1 − swa_weight)·EMA + swa_weight·SWA` (P639: 0.5). Unlike S414–S1060,
 whose SWA sum was collected and thrown away, SWA here is always used when switched on.
@@ -75,6 +77,7 @@ class WeightAverager:
             self.ema = {k: state[k].detach().float().clone() for k in self.keys}
         self.swa_sum: dict[str, torch.Tensor] = {}
         self.swa_count = 0
+        self.swa_last_step = 0
         self.last_decay = 0.0
 
     @property
@@ -109,14 +112,25 @@ class WeightAverager:
             torch._foreach_mul_(shadow, d)
             torch._foreach_add_(shadow, current, alpha=1.0 - d)
         c = self.cfg
-        every = max(c.swa_every, 1)
-        if self.use_swa and lr_scale < c.swa_start_frac and step % every == 0:
+        if (
+            self.use_swa
+            and lr_scale < c.swa_start_frac
+            and self._swa_due(step, elapsed_ms, max_wallclock_ms)
+        ):
+            self.swa_last_step = step
             if not self.swa_sum:
                 self.swa_sum = {
                     k: torch.zeros_like(t) for k, t in zip(self.keys, current, strict=True)
                 }
             torch._foreach_add_([self.swa_sum[k] for k in self.keys], current)
             self.swa_count += 1
+
+    def _swa_due(self, step: int, elapsed_ms: float, max_wallclock_ms: float | None) -> bool:
+        c = self.cfg
+        if c.swa_every_frac <= 0:
+            return step % max(c.swa_every, 1) == 0  # the records' rule
+        n = expected_steps(step, elapsed_ms, c.iterations, max_wallclock_ms)
+        return step - self.swa_last_step >= max(round(c.swa_every_frac * n), 1)
 
     def swa_mean(self) -> dict[str, torch.Tensor]:
         return {k: v / self.swa_count for k, v in self.swa_sum.items()}
@@ -128,7 +142,8 @@ class WeightAverager:
         if self.use_swa and not use_swa:
             note = (
                 f"; SWA took no snapshot (LR scale never fell below swa_start_frac="
-                f"{self.cfg.swa_start_frac} on a multiple of swa_every={self.cfg.swa_every})"
+                f"{self.cfg.swa_start_frac} on a multiple of swa_every={self.cfg.swa_every}; "
+                "train.swa_every_frac sets the interval relative to the run)"
             )
             warnings.warn("SWA enabled but no snapshot was taken" + note, stacklevel=2)
         if self.use_ema and use_swa:
@@ -160,6 +175,7 @@ class WeightAverager:
             "ema": {k: v.clone() for k, v in self.ema.items()},
             "swa_sum": {k: v.clone() for k, v in self.swa_sum.items()},
             "swa_count": self.swa_count,
+            "swa_last_step": self.swa_last_step,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -170,3 +186,4 @@ class WeightAverager:
         self.ema = here(state.get("ema", {}))
         self.swa_sum = here(state.get("swa_sum", {}))
         self.swa_count = int(state.get("swa_count", 0))
+        self.swa_last_step = int(state.get("swa_last_step", 0))

@@ -61,6 +61,9 @@ class TrainConfig:
     ema_max_window_frac: float = 0.25  # warn when a fixed decay's window exceeds this share
     swa_enabled: bool = env_field("SWA_ENABLED", False)
     swa_every: int = env_field("SWA_EVERY", 50)
+    # > 0: the interval is this share of the expected steps instead (P639's 50 of ≈7,000 ≈ 0.007),
+    # so a run shrunk to a few hundred steps still takes a handful of snapshots.
+    swa_every_frac: float = 0.0
     swa_start_frac: float = env_field("SWA_START_FRAC", 0.2)  # snapshot while LR scale < this
     swa_weight: float = 0.5
     # Quantisation-aware training with a straight-through estimator (SPEC §5.12).
