@@ -160,13 +160,13 @@ def fmt(values: list, spec: str) -> str:
 def markdown_table(rows: list[dict], presets: tuple[str, ...]) -> str:
     lines = [
         "| preset | seeds | steps | val_bpb pre-quant | val_bpb post-quant | val_bpb with TTT "
-        "| bytes_total | train s | eval s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| bytes_total | train s | calib s | eval s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for preset in presets:
         done = [r for r in rows if r["preset"] == preset and "error" not in r]
         if not done:
-            lines.append(f"| `{preset}` | 0 | — | not run | not run | not run | — | — | — |")
+            lines.append(f"| `{preset}` | 0 | — | not run | not run | not run | — | — | — | — |")
             continue
         ttt = [r["ttt_val_bpb"] for r in done]
         lines.append(
@@ -176,6 +176,7 @@ def markdown_table(rows: list[dict], presets: tuple[str, ...]) -> str:
             f"| {fmt(ttt, '.4f') if any(v is not None for v in ttt) else 'TTT off in preset'} "
             f"| {fmt([r['bytes_total'] for r in done], ',.0f')} "
             f"| {fmt([r['train_time_s'] for r in done], '.0f')} "
+            f"| {fmt([r['calib_time_s'] for r in done], '.0f')} "
             f"| {fmt([r['eval_time_s'] for r in done], '.0f')} |"
         )
     return "\n".join(lines)
@@ -200,12 +201,13 @@ def main() -> None:
     presets = tuple(args.only.split(","))
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.report:
-        rows = [
-            result_row(preset, seed, args.steps, json.loads(path.read_text()), None)
-            for seed in seeds
-            for preset in presets
-            if (path := args.work / "runs" / f"{preset}_s{seed}" / "report.json").is_file()
-        ]
+        rows = []
+        for seed in seeds:
+            for preset in presets:
+                path = args.work / "runs" / f"{preset}_s{seed}" / "report.json"
+                report = json.loads(path.read_text()) if path.is_file() else {}
+                if report.get("val_bpb") is not None:  # finished; a run in progress has none yet
+                    rows.append(result_row(preset, seed, args.steps, report, None))
         for row in rows:
             print(json.dumps(row))
         print(markdown_table(rows, presets))
