@@ -23,12 +23,10 @@ one JSON line per result, then one summary line per variant (mean over seeds, Δ
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import json
 import multiprocessing as mp
-import os
 import shutil
 import sys
 import tempfile
@@ -36,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from runlock import claim  # benchmarks/ is the script's directory, so on sys.path
 
 from pgolf.config import load_preset
 from pgolf.data.build import build_dataset
@@ -218,45 +217,6 @@ def train_one(
         averaged = copy.deepcopy(trainer.model)
         rows.append(row(name, averaged, averager.apply_to(averaged)))
     return rows
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-@contextlib.contextmanager
-def claim(lock: Path):
-    """Yield True if this process now owns `lock` (stale locks of dead pids are taken over)."""
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and _pid_alive(pid):
-                yield False
-                return
-            with contextlib.suppress(FileNotFoundError):
-                lock.unlink()
-            continue
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
-        try:
-            yield True
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                lock.unlink()
-        return
-    yield False
 
 
 def _result_path(work: Path, variant: str, seed: int) -> Path:

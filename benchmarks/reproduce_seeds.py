@@ -13,8 +13,10 @@ Each (preset, seed) runs the `pgolf run` pipeline (pgolf.run.run_pipeline) in it
 crash or an out-of-memory kill loses one run, not the sweep) writing WORK/runs/PRESET_sSEED. On a
 shared 2-core machine set OMP_NUM_THREADS=1: two spinning torch threads per run against other jobs
 measured 3× slower than one. Resumable: a run whose report.json
-has a post-quant `val_bpb` is skipped; a half-written one is removed and run again. Runs go seed by
-seed (every preset once, then the second seed), so an interrupted sweep still covers every preset.
+has a post-quant `val_bpb` is skipped; a half-written one is removed and run again. Several
+invocations may share WORK (e.g. one per seed): WORK/locks/RUN.lock makes each run train once.
+Runs go seed by seed (every preset once, then the second seed), so an interrupted sweep still
+covers every preset.
 Prints one JSON line per run; `--table` prints the markdown table of README "Results at CPU scale";
 `--report` tabulates the finished runs without training anything.
 """
@@ -29,6 +31,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from runlock import claim  # benchmarks/ is the script's directory, so on sys.path
 
 PRESETS = ("baseline", "seed-p639", "seed-p610", "seed-p1004", "seed-p578")
 SEEDS = (1337, 1338)
@@ -109,13 +113,24 @@ def result_row(preset: str, seed: int, steps: int, report: dict, wall_s: float |
     }
 
 
+def finished_report(run_dir: Path) -> dict | None:
+    path = run_dir / "report.json"
+    report = json.loads(path.read_text()) if path.is_file() else {}
+    return report if report.get("val_bpb") is not None else None
+
+
 def run_one(work: Path, data: Path, preset: str, seed: int, steps: int) -> dict:
     run_dir = work / "runs" / f"{preset}_s{seed}"
-    report_path = run_dir / "report.json"
-    if report_path.is_file():
-        report = json.loads(report_path.read_text())
-        if report.get("val_bpb") is not None:
+    with claim(work / "locks" / f"{preset}_s{seed}.lock") as mine:
+        if (report := finished_report(run_dir)) is not None:
             return {**result_row(preset, seed, steps, report, None), "skipped": True}
+        if not mine:  # another invocation is training it right now
+            return {"preset": preset, "seed": seed, "skipped": "running elsewhere"}
+        return train_in_subprocess(work, run_dir, preset, seed, steps)
+
+
+def train_in_subprocess(work: Path, run_dir: Path, preset: str, seed: int, steps: int) -> dict:
+    report_path = run_dir / "report.json"
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a run killed half way: start it again from scratch
     cmd = [sys.executable, __file__, "--work", str(work), "--steps", str(steps)]
@@ -204,9 +219,10 @@ def main() -> None:
         rows = []
         for seed in seeds:
             for preset in presets:
-                path = args.work / "runs" / f"{preset}_s{seed}" / "report.json"
-                report = json.loads(path.read_text()) if path.is_file() else {}
-                if report.get("val_bpb") is not None:  # finished; a run in progress has none yet
+                # Only finished runs: one in progress has a report without val_bpb.
+                if (
+                    report := finished_report(args.work / "runs" / f"{preset}_s{seed}")
+                ) is not None:
                     rows.append(result_row(preset, seed, args.steps, report, None))
         for row in rows:
             print(json.dumps(row))
