@@ -25,10 +25,13 @@ TINY = [
     "--set", "train.warmup_steps=0", "--set", "train.max_wallclock_seconds=0",
     "--set", "train.seed=7",
 ]  # fmt: skip
-# Runs the exported script, then proves every pgolf module came from the script itself.
+# Runs the exported script, then proves every pgolf module came from the script itself. One torch
+# thread, as in this process (conftest): a float sum split over more threads rounds differently.
 CHECK = """
 import runpy, sys
 from pathlib import Path
+import torch
+torch.set_num_threads(1)
 sys.argv = ["train_gpt.py"]
 runpy.run_path("train_gpt.py", run_name="__main__")
 me = str(Path("train_gpt.py").resolve())

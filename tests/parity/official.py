@@ -1,0 +1,145 @@
+"""Run an official script's own code on the CPU: the shim of `$PGOLF_SHARED/reference/README.md`.
+
+`load_official("s1019", NUM_LAYERS="4", ...)` imports `reference/s1019_train_gpt.py` as a fresh
+module, with its `Hyperparameters` reading the given environment, `torch.compile` as the identity,
+and FlashAttention replaced by SDPA on its (B, T, H, D) layout. Nothing of the math is touched; the
+files stay in the shared folder and are never copied into this repository. Calls that need CUDA
+(training loops, `main`) are not run: tests call the script's classes and functions directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import itertools
+import os
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pgolf.settings import shared_dir
+
+SCRIPTS = {
+    "base": "base_train_gpt.py",
+    "s414": "s414_train_gpt.py",
+    "s549": "s549_train_gpt.py",
+    "s1019": "s1019_train_gpt.py",
+    "s1060": "s1060_train_gpt.py",
+    "s1413": "s1413_train_gpt.py",
+    "p639": "p639_train_gpt.py",
+    "p610": "p610_train_gpt.py",
+    "p610_gptq": "p610_eval_gptq.py",
+    "p610_ttt": "p610_eval_ttt.py",
+    "p1004": "p1004_train_gpt.py",
+    "p578": "p578_train_gpt.py",
+    "p1351": "p1351_train_gpt.py",
+    "top": "top_train_gpt.py",
+}
+_serial = itertools.count()
+
+
+def reference_path(name: str) -> Path:
+    path = shared_dir() / "reference" / SCRIPTS[name]
+    if not path.is_file():
+        pytest.fail(f"{path} missing: set PGOLF_SHARED to the shared folder")
+    return path
+
+
+def _sdpa_bthd(q, k, v, causal=True, **_):
+    """FlashAttention's call on (B, T, H, D) tensors, as SDPA (GQA when K/V have fewer heads)."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    gqa = k.size(1) != q.size(1)
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+    return y.transpose(1, 2)
+
+
+def _sdpa_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=True,
+                 **_):  # fmt: skip
+    """The varlen call on packed (N, H, D) tensors: causal attention inside each document."""
+    out = torch.empty_like(q)
+    bounds = cu_seqlens_q.tolist()
+    for start, end in itertools.pairwise(bounds):
+        piece = _sdpa_bthd(q[None, start:end], k[None, start:end], v[None, start:end], causal)
+        out[start:end] = piece[0]
+    return out
+
+
+def _flash_stub() -> types.ModuleType:
+    stub = types.ModuleType("flash_attn_interface")
+    stub.flash_attn_func = _sdpa_bthd
+    stub.flash_attn_varlen_func = _sdpa_varlen
+    return stub
+
+
+def _identity_compile(fn=None, **_):
+    return fn if fn is not None else (lambda f: f)
+
+
+@contextlib.contextmanager
+def _patched(env: dict[str, str]):
+    saved_env = {k: os.environ.get(k) for k in env}
+    saved_mod = sys.modules.get("flash_attn_interface")
+    saved_compile = torch.compile
+    os.environ.update(env)
+    sys.modules["flash_attn_interface"] = _flash_stub()
+    torch.compile = _identity_compile
+    try:
+        yield
+    finally:
+        torch.compile = saved_compile
+        if saved_mod is None:
+            sys.modules.pop("flash_attn_interface", None)
+        else:
+            sys.modules["flash_attn_interface"] = saved_mod
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def load_official(name: str, **env) -> types.ModuleType:
+    """A fresh module of the official script `name`, its Hyperparameters read under `env`."""
+    path = reference_path(name)
+    module_name = f"official_{name}_{next(_serial)}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    with _patched({k: str(v) for k, v in env.items()}):
+        sys.modules[module_name] = module  # dataclasses and pickling look a module up by name
+        spec.loader.exec_module(module)
+        module.args = module.Hyperparameters() if hasattr(module, "Hyperparameters") else None
+    # Functions that call torch.compile at call time (eval loops, TTT) get the identity too.
+    module.torch_compile_identity = _identity_compile
+    return module
+
+
+@contextlib.contextmanager
+def no_compile():
+    """For calling official functions that compile inside (sliding eval, TTT): identity instead."""
+    saved = torch.compile
+    torch.compile = _identity_compile
+    try:
+        yield
+    finally:
+        torch.compile = saved
+
+
+def assert_close(quantity: str, ours, theirs, atol: float = 0.0, rtol: float = 0.0):
+    """Equal within tolerance, or fail naming the quantity and both values."""
+    ours_t, theirs_t = torch.as_tensor(ours), torch.as_tensor(theirs)
+    if ours_t.shape != theirs_t.shape:
+        pytest.fail(f"{quantity}: shape pgolf {tuple(ours_t.shape)} vs official "
+                    f"{tuple(theirs_t.shape)}")  # fmt: skip
+    diff = (ours_t.double() - theirs_t.double()).abs()
+    limit = atol + rtol * theirs_t.double().abs()
+    if not bool((diff <= limit).all()):
+        i = int(torch.argmax(diff - limit))
+        flat_o, flat_t = ours_t.reshape(-1), theirs_t.reshape(-1)
+        pytest.fail(
+            f"{quantity}: pgolf {flat_o[i].item()!r} vs official {flat_t[i].item()!r} at flat "
+            f"index {i} (max |diff| {diff.max().item():.3g}, atol {atol}, rtol {rtol})"
+        )
