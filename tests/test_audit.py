@@ -207,3 +207,21 @@ def test_poison_probe_catches_ttt_that_adapts_on_future_chunks(legal_run, monkey
     monkeypatch.setattr(probes, "score_first_ttt", adapts_on_everything_first)
     result = probes.poison_probe(*args)
     assert not result["ok"] and result["prefix_shift_nats"] > 0
+
+
+def test_timings_pass_or_fail_only_on_8_gpus_and_are_unproven_elsewhere_even_over_the_cap():
+    from pgolf.audit.verdicts import time_verdicts
+
+    def statuses(device, world_size, seconds):
+        report = {"device": device, "world_size": world_size, "train_time_s": seconds}
+        report["eval_time_s"] = seconds
+        return {rule: v["status"] for rule, v in time_verdicts(report).items()}
+
+    assert statuses("cuda:0", 8, 590.0) == {"training_time": "pass", "eval_time": "pass"}
+    assert statuses("cuda:0", 8, 700.0) == {"training_time": "fail", "eval_time": "fail"}
+    for device, world_size in (("cpu", 1), ("cuda:0", 1), ("cpu", 8)):
+        for seconds in (6.5, 700.0):
+            assert set(statuses(device, world_size, seconds).values()) == {"unproven"}
+    calibrated = {"device": "cuda:0", "world_size": 8, "train_time_s": 590.0, "eval_time_s": 1.0,
+                  "calib_time_s": 14.0, "calibration": {"calib_source": "train"}}  # fmt: skip
+    assert time_verdicts(calibrated)["training_time"]["status"] == "fail"  # SPEC §1.3

@@ -1,13 +1,19 @@
 """The command line: one-line errors with exit code 2, --json output, and `pgolf run` end to end."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pgolf.cli import main
-from pgolf.data.shards import write_shard
+from pgolf.data.shards import read_shard, write_shard
+from pgolf.data.tokenizer import file_sha256
+from pgolf.settings import shared_data
 
 TINY = [
     "--set", "model.num_layers=2", "--set", "model.model_dim=64",
@@ -55,13 +61,122 @@ def test_bad_input_is_one_line_on_stderr_and_exit_code_2(args, fragment, capsys,
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
-def test_a_dataset_whose_vocabulary_exceeds_the_model_is_refused(tiny_dataset, tmp_path, capsys):
+def _one_line_error(code: int, err: str, *fragments: str) -> None:
+    assert code == 2, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+
+
+def _copy_dataset(source: Path, dest: Path) -> Path:
+    shutil.copytree(source, dest)
+    return dest
+
+
+@pytest.mark.parametrize("vocab", [512, 4096])
+def test_a_model_vocabulary_other_than_the_tokenizers_is_refused_naming_the_override(
+    vocab, tiny_dataset, tmp_path, capsys
+):
+    run = tmp_path / "r"
     code, _, err = _run_cli(
-        ["run", "--preset", "baseline", "--data", str(tiny_dataset), "--out", str(tmp_path / "r"),
-         *TINY, "--set", "model.vocab_size=512"],
+        ["run", "--preset", "baseline", "--data", str(tiny_dataset), "--out", str(run),
+         *TINY, "--set", f"model.vocab_size={vocab}"],
         capsys,
     )  # fmt: skip
-    assert code == 2 and "larger than the model's model.vocab_size=512" in err
+    _one_line_error(code, err, f"model.vocab_size={vocab}", "has 1024 pieces",
+                    "--allow-tokenizer-mismatch")  # fmt: skip
+    assert not run.exists()
+
+
+def test_a_tokenizer_other_than_the_one_meta_json_records_is_refused_by_inspect_and_run(
+    tiny_dataset, tmp_path, capsys, official_tokenizer_path
+):
+    data = _copy_dataset(tiny_dataset, tmp_path / "sp1024")
+    recorded = {"file": "tokenizer.model", "sha256": file_sha256(official_tokenizer_path)}
+    (data / "meta.json").write_text(json.dumps({"tokenizer": recorded}))
+    sp4096 = shared_data("tokenizers", "fineweb_4096_bpe.model")
+    inspect = ["data", "inspect", str(data), "--tokenizer", str(sp4096), "--json"]
+    code, _, err = _run_cli(inspect, capsys)
+    _one_line_error(code, err, str(sp4096), str(data / "meta.json"), "--allow-tokenizer-mismatch")
+    code, out, err = _run_cli([*inspect, "--allow-tokenizer-mismatch"], capsys)
+    assert code == 0 and json.loads(out)["tokenizer"]["vocab_size"] == 4096
+    run = tmp_path / "run"
+    code, _, err = _run_cli(
+        ["run", "--preset", "baseline", "--data", str(data), "--out", str(run), *TINY,
+         "--set", f"data.tokenizer={sp4096}", "--set", "model.vocab_size=4096"],
+        capsys,
+    )  # fmt: skip
+    _one_line_error(code, err, str(sp4096), "meta.json", "--allow-tokenizer-mismatch")
+    assert not run.exists()
+
+
+def test_a_corrupt_train_shard_is_refused_before_training_naming_the_file_and_offset(
+    tiny_dataset, tmp_path, capsys
+):
+    """The bad id sits where a short run's loader never reads: found up front, not mid-run."""
+    data = _copy_dataset(tiny_dataset, tmp_path / "data")
+    shard = data / "fineweb_train_000001.bin"
+    tokens = np.array(read_shard(shard))
+    tokens[150_000] = 1500
+    write_shard(shard, tokens)
+    run = tmp_path / "run"
+    code, _, err = _run_cli(
+        ["run", "--preset", "baseline", "--data", str(data), "--out", str(run), *TINY], capsys
+    )
+    _one_line_error(code, err, f"{shard}: token id 1500 at token 150,000", "model.vocab_size=1024")
+    assert not run.exists()
+
+
+def test_a_run_that_fails_to_start_leaves_nothing_that_blocks_the_retry(
+    tiny_dataset, tmp_path, capsys
+):
+    nested = tmp_path / "runs" / "a"
+    bad = ["--set", "train.train_batch_tokens=1000"]  # caught when the trainer is built
+    code, _, err = _run_cli(
+        ["run", "--preset", "baseline", "--data", str(tiny_dataset), "--out", str(nested),
+         *TINY, *bad],
+        capsys,
+    )  # fmt: skip
+    _one_line_error(code, err, "train.train_batch_tokens=1000")
+    assert not (tmp_path / "runs").exists()  # the directories it made are gone too
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    args = ["run", "--preset", "baseline", "--data", str(tiny_dataset), "--out", str(mine), *TINY]
+    code, _, err = _run_cli([*args, *bad], capsys)
+    assert code == 2 and list(mine.iterdir()) == []  # a directory the user made stays
+    code, _, err = _run_cli(args, capsys)
+    assert code == 0, err
+    assert (mine / "report.json").is_file()
+
+
+@pytest.mark.parametrize("command", ["run", "data build"])
+def test_an_unwritable_out_is_one_line_and_exit_2(command, tiny_dataset, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    out = blocker / "out"
+    if command == "run":
+        args = ["run", "--preset", "baseline", "--data", str(tiny_dataset), *TINY]
+    else:
+        text = tmp_path / "doc.txt"
+        text.write_text("one small document\n")
+        args = ["data", "build", "--input", str(text), "--vocab-size", "300"]
+    before = sorted(tmp_path.iterdir())
+    code, _, err = _run_cli([*args, "--out", str(out)], capsys)
+    # run names OUT, build the folder it builds in beside OUT: both the file in the way
+    _one_line_error(code, err, str(blocker), "cannot write a directory here", "another --out")
+    assert sorted(tmp_path.iterdir()) == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_a_read_only_out_is_one_line_and_exit_2(tiny_dataset, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    out = locked / "run"
+    code, _, err = _run_cli(
+        ["run", "--preset", "baseline", "--data", str(tiny_dataset), "--out", str(out), *TINY],
+        capsys,
+    )
+    _one_line_error(code, err, f"{out}: cannot write a directory here (Permission denied)")
 
 
 def test_shards_with_ids_outside_the_tokenizer_are_refused(tiny_dataset, tmp_path, capsys):
@@ -135,6 +250,13 @@ def test_mixed_gptq_export_end_to_end(tiny_dataset, tmp_path, capsys):
     # int6 GPTQ of a 2-layer model: smaller than the int8 artifact, and still close to float
     assert abs(report["val_bpb"] - report["pre_quant_val_bpb"]) < 0.1
     assert "calibration" in report["compliance"]["training_under_600s"]["detail"]
+    # No declared script size: the fit budgets for pgolf's files and says so, in both places;
+    # rANS stores no float16, so those sections' switch to `auto` is stated too.
+    quant, log = report["quant"], (run / "train.log").read_text()
+    assert "export.code_bytes undeclared" in quant["code_bytes_source"]
+    assert quant["target_bytes"] == 16_000_000 - quant["code_bytes"]
+    assert f"({quant['code_bytes_source']})" in log
+    assert quant["codec_switched"]["from"] == "rans" and "codec switched rans → auto" in log
 
 
 def test_the_summary_names_the_codec_and_mode_that_made_the_headline_score():
@@ -144,3 +266,48 @@ def test_the_summary_names_the_codec_and_mode_that_made_the_headline_score():
     assert "val_bpb (mixed, sliding + TTT)" in rows
     rows = dict(summary_rows({"codec": "int8-zlib", "eval_mode": "nonoverlapping", "ttt": None}))
     assert "val_bpb (int8-zlib, nonoverlapping)" in rows
+
+
+def test_a_stage_says_what_to_run_next_and_ctrl_c_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    import argparse
+
+    from pgolf import cli
+    from pgolf.train.trainer import TrainingInterrupted
+
+    args = argparse.Namespace(run=str(tmp_path), json=True)
+    cli._stage(args, lambda run, world: {"steps": 3}, then=f"pgolf eval {tmp_path}")
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"steps": 3} and err == f"next: pgolf eval {tmp_path}\n"
+
+    def interrupted(args):
+        raise TrainingInterrupted(f"stopped at step 5; pgolf train {tmp_path} --resume")
+
+    monkeypatch.setattr(cli, "cmd_presets", interrupted)  # any command: main handles Ctrl-C
+    assert main(["presets"]) == 130
+    assert capsys.readouterr().err == (
+        f"pgolf: interrupted: stopped at step 5; pgolf train {tmp_path} --resume\n"
+    )
+
+
+def _name_worker(rank, world_size, port, out_dir):
+    from datetime import datetime
+
+    from pgolf.cli import default_run_dir
+    from pgolf.dist import shutdown
+    from tests.conftest import join_cpu_world
+
+    world = join_cpu_world(rank, world_size, port)
+    # Rank 1's clock has already crossed into the next second.
+    now = datetime(2026, 1, 1, 12, 0, 59) if rank == 0 else datetime(2026, 1, 1, 12, 1, 0)
+    (out_dir / f"name{rank}").write_text(str(default_run_dir("demo", world, now=lambda: now)))
+    shutdown(world)
+
+
+def test_torchrun_ranks_agree_on_the_default_run_folder(tmp_path):
+    import torch.multiprocessing as mp
+
+    from tests.conftest import free_port
+
+    mp.spawn(_name_worker, args=(2, free_port(), tmp_path), nprocs=2, join=True)
+    names = {(tmp_path / f"name{rank}").read_text() for rank in range(2)}
+    assert names == {str(Path("runs") / "demo_20260101_120059")}

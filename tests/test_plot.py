@@ -31,7 +31,8 @@ def test_plot_renders_one_png_with_every_panel_for_two_runs(two_tiny_runs, tmp_p
     out = tmp_path / "runs.png"
     result = plot_runs(two_tiny_runs, out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert result["axes"] == len(PANELS) == 5
+    assert result["axes"] == len(PANELS) == 6
+    assert result["titles"][0] == "loss vs step (validation dashed)"
     assert [r["steps"] for r in result["runs"]] == [4, 4]
     assert [r["val_points"] for r in result["runs"]] == [1, 1]
     for run in result["runs"]:
@@ -55,7 +56,7 @@ def test_plot_cli_writes_the_png_and_reports_json(two_tiny_runs, tmp_path, capsy
     out = tmp_path / "cli.png"
     code = main(["plot", *map(str, two_tiny_runs), "--out", str(out), "--json"])
     assert code == 0 and out.is_file()
-    assert json.loads(capsys.readouterr().out)["axes"] == 5
+    assert json.loads(capsys.readouterr().out)["axes"] == 6
 
 
 def test_a_run_without_metrics_is_a_one_line_error_with_exit_code_2(tmp_path, capsys):
@@ -76,3 +77,23 @@ def test_mixed_exports_use_the_quantizer_s_own_bytes_per_class(two_tiny_runs, tm
     split = {"attn": 1000, "embed": 500, "mlp": 2000}
     (run / "report.json").write_text(json.dumps({"quant": {"bytes_per_class": split}}))
     assert artifact_bytes_per_class(load_run(run)) == (split, "quant.bytes_per_class")
+
+
+def test_without_validation_the_first_panel_says_so_and_the_sixth_is_used(two_tiny_runs, tmp_path):
+    run = tmp_path / "no_val"
+    run.mkdir()
+    lines = (two_tiny_runs[0] / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join(r for r in lines if "periodic" not in r) + "\n")
+    result = plot_runs([run], tmp_path / "no_val.png")
+    assert "validation dashed" not in result["titles"][0]
+    assert "no val_loss_every" in result["titles"][0]
+    assert result["titles"][5] == "grad norm before clipping"
+
+
+def test_each_quantization_class_keeps_its_colour_whatever_else_is_plotted():
+    from pgolf.observe.plot import class_color
+
+    assert class_color("mlp (int8)") == class_color("mlp (int8)")  # a pure function of the label
+    labels = ["attn (int8)", "embed (fp16)", "mlp (int8)", "scalar (float)", "head", "table"]
+    assert len({class_color(label) for label in labels}) == len(labels)
+    assert class_color("mlp (int8)") != class_color("mlp (fp16)")  # storage told apart

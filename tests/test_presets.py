@@ -82,7 +82,23 @@ def test_p1004_with_the_logged_runs_bigram_has_their_logged_count():
 def test_pgolf_presets_lists_every_preset_with_its_parameter_count(capsys):
     assert cli_main(["presets", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
-    assert {k: listed[k] for k in EXPECTED_PARAMS} == EXPECTED_PARAMS
+    assert {k: listed[k]["parameters"] for k in EXPECTED_PARAMS} == EXPECTED_PARAMS
+    assert all(listed[k]["summary"] for k in listed)
+
+
+def test_help_lists_every_preset_with_its_one_line_summary(capsys):
+    from pgolf.cli import build_parser
+    from pgolf.config import preset_names, preset_summary
+
+    top = build_parser().format_help()
+    with pytest.raises(SystemExit):
+        cli_main(["run", "--help"])
+    run_help = capsys.readouterr().out
+    for name in preset_names():
+        summary = preset_summary(name)
+        assert summary and len(summary) <= 100, name
+        assert f"{name}  " in top and summary in top
+        assert summary in run_help
 
 
 def test_only_the_pre_quant_ttt_seed_is_marked_illegal():
@@ -96,7 +112,8 @@ def test_every_preset_value_cites_its_source_and_none_is_left_pending(name):
 
     text = resources.files("pgolf.presets").joinpath(f"{name}.toml").read_text()
     assignments = [ln for ln in text.splitlines() if re.match(r"^[a-z_]+\s*=", ln)]
-    uncommented = [ln for ln in assignments if "#" not in ln and not ln.startswith("illegal")]
+    own_words = ("illegal", "summary")  # the preset's own statements, not sourced values
+    uncommented = [ln for ln in assignments if "#" not in ln and not ln.startswith(own_words)]
     assert not uncommented
     assert "pending" not in text  # every setting of the record is a real field now
 
@@ -204,3 +221,25 @@ def test_every_shrunk_preset_trains_three_steps_with_its_own_optimizer_settings(
     after = trainer.model.state_dict()
     moved = [k for k in before if not torch.equal(before[k], after[k])]
     assert len(moved) == len(before), set(before) - set(moved)  # every tensor learned
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_the_shapes_only_build_has_every_parameter_of_the_meta_build(name):
+    from pgolf.model.roles import role_of
+    from pgolf.model.shapes import shapes_only_model
+
+    def layout(model):
+        return [(n, tuple(p.shape), role_of(p)) for n, p in model.named_parameters()]
+
+    cfg = load_preset(name).model
+    with torch.device("meta"):
+        reference = GPT(cfg)
+    assert layout(shapes_only_model(cfg)) == layout(reference)
+
+
+@pytest.mark.parametrize("name", ["demo", "baseline"])
+def test_the_shapes_only_count_equals_a_real_build(name):
+    from pgolf.model.shapes import shapes_only_model
+
+    cfg = load_preset(name).model
+    assert count_parameters(shapes_only_model(cfg)) == count_parameters(GPT(cfg))

@@ -97,7 +97,7 @@ def test_quantized_model_round_trips_through_the_artifact(tmp_path, model_and_he
     model, hessians = model_and_hessians
     cfg = export_cfg()
     path = tmp_path / "artifact.pgolf"
-    report = export_mixed(model, cfg, hessians, code_bytes=50_000, path=path)
+    report = export_mixed(model, cfg, hessians, (50_000, "test"), path=path)
     assert report["bytes_model"] == path.stat().st_size
     assert report["bytes_total"] == report["bytes_model"] + 50_000
     arrays, meta = read_artifact(path)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pgolf.data import shards as shards_module
 from pgolf.data.shards import (
     HEADER_BYTES,
     SHARD_MAGIC,
     ShardWriter,
+    check_token_ids,
     find_shards,
     load_tokens,
     read_header,
@@ -151,3 +153,23 @@ def test_the_official_dev_shard_reads_as_200_documents():
     assert tokens[0] == BOS_ID
     assert int(np.count_nonzero(tokens == BOS_ID)) == 200
     assert int(tokens.max()) < 1024
+
+
+def test_the_token_check_names_the_file_and_the_first_bad_offset(tmp_path, monkeypatch):
+    monkeypatch.setattr(shards_module, "CHECK_CHUNK_TOKENS", 1000)  # the bad ids in chunk 3
+    tokens = np.full(5000, 7, dtype=np.uint16)
+    tokens[[2345, 2400, 4999]] = [1024, 5000, 1500]
+    path = tmp_path / "fineweb_train_000003.bin"
+    write_shard(path, tokens)
+    assert check_token_ids(path, 5001, "the vocabulary") == 5000
+    with pytest.raises(PgolfError) as exc:
+        check_token_ids(path, 1024, "model.vocab_size=1024")
+    assert str(exc.value) == (
+        f"{path}: token id 1024 at token 2,345 (byte offset {HEADER_BYTES + 2 * 2345:,}) "
+        "is not below model.vocab_size=1024"
+    )
+    write_shard(path, tokens[:10])
+    with path.open("ab") as f:
+        f.write(b"\0\0")  # a size the header does not promise
+    with pytest.raises(PgolfError, match="header says 10 tokens"):
+        check_token_ids(path, 1024, "model.vocab_size=1024")

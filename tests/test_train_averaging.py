@@ -10,11 +10,11 @@ from pgolf.dist import World
 from pgolf.runlog import RunLog
 from pgolf.train.averaging import (
     WeightAverager,
-    decay_for_horizon,
+    decay_for_run,
     ema_window_warning,
     expected_steps,
 )
-from pgolf.train.config import RECORD_EMA_HORIZON_FRAC
+from pgolf.train.config import RECORD_EMA_DECAY, RECORD_EMA_STEPS
 from pgolf.train.trainer import Trainer
 from tests.conftest import tiny_config
 
@@ -107,9 +107,9 @@ def test_swa_without_snapshots_falls_back_with_a_warning():
 
 
 def test_relative_horizon_reproduces_the_record_decay_at_the_record_scale():
-    assert decay_for_horizon(RECORD_EMA_HORIZON_FRAC, 7000) == pytest.approx(0.997, abs=1e-12)
+    assert decay_for_run(RECORD_EMA_DECAY, RECORD_EMA_STEPS, 7000) == 0.997
     # At 400 steps the window shrinks with the run: ≈19 steps, not the record's 333.
-    d = decay_for_horizon(RECORD_EMA_HORIZON_FRAC, 400)
+    d = decay_for_run(RECORD_EMA_DECAY, RECORD_EMA_STEPS, 400)
     assert 1 / (1 - d) == pytest.approx(400 / 21)
     # Under a wall-clock cap the run length is predicted from the average step time.
     assert expected_steps(100, 10_000.0, 20_000, 600_000.0) == pytest.approx(6000)

@@ -289,3 +289,101 @@ def test_depth_recurrence_turns_on_at_the_configured_training_fraction(tiny_data
     trainer._train_step = spy
     trainer.run()
     assert seen == [step / 12 >= 0.5 for step in range(12)]
+
+
+# -- checkpoints by wall time, Ctrl-C, resumed metrics --------------------------------------------
+
+
+class _FakeClock:
+    """Seconds that move only when a test says: 10 per training step, 1000 per checkpoint save."""
+
+    def __init__(self):
+        self.s = 0.0
+
+    def __call__(self):
+        return self.s
+
+
+def test_checkpoints_follow_wall_time_and_their_saving_is_not_training_time(
+    tiny_dataset, tmp_path, monkeypatch
+):
+    import pgolf.train.trainer as trainer_mod
+
+    cfg = tiny_config(tiny_dataset, checkpoint_every_seconds=25)
+    assert cfg.train.checkpoint_every == 0  # no step setting: the wall clock alone decides
+    fake, saved_at = _FakeClock(), []
+    trainer = Trainer(cfg, resolve_dataset(cfg.data), CPU_WORLD, tmp_path, RunLog(tmp_path, False))
+    trainer.clock = BudgetClock(CPU_WORLD.device, now=fake)
+    original_step, original_save = trainer._train_step, trainer_mod.save_checkpoint
+
+    def ten_second_step(scale, measure=False):
+        fake.s += 10.0
+        return original_step(scale, measure)
+
+    def slow_save(directory, state):
+        saved_at.append(state["step"])
+        fake.s += 1000.0
+        return original_save(directory, state)
+
+    trainer._train_step = ten_second_step
+    monkeypatch.setattr(trainer_mod, "save_checkpoint", slow_save)
+    result = trainer.run()
+    # 25 s of wall time first passes after step 3; the interval restarts when a save ends; the
+    # last save is the end-of-run checkpoint.
+    assert saved_at == [3, 6, 9, 12, 12]
+    assert result.train_time_ms == pytest.approx(12 * 10_000.0)  # the saves' 4,000 s excluded
+
+
+def test_ctrl_c_stops_at_a_step_boundary_with_a_checkpoint_and_says_how_to_resume(
+    tiny_dataset, tmp_path, capsys
+):
+    import signal
+
+    from pgolf.train.trainer import TrainingInterrupted
+
+    cfg = tiny_config(tiny_dataset, train_log_every=1)
+    reference, _ = _train(cfg, tmp_path / "reference")
+    run_dir = tmp_path / "interrupted"
+    run_dir.mkdir()
+    trainer = Trainer(cfg, resolve_dataset(cfg.data), CPU_WORLD, run_dir, RunLog(run_dir, True))
+    original_step, calls = trainer._train_step, {"n": 0}
+
+    def step_then_ctrl_c(scale, measure=False):
+        out = original_step(scale, measure)  # the signal lands after the step's work
+        calls["n"] += 1
+        if calls["n"] == 5:
+            signal.raise_signal(signal.SIGINT)
+        return out
+
+    trainer._train_step = step_then_ctrl_c
+    with pytest.raises(TrainingInterrupted, match=f"pgolf train {run_dir} --resume"):
+        trainer.run()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert "stopped at step 5" in capsys.readouterr().err
+    assert torch.load(run_dir / "checkpoint" / "state.pt", weights_only=True)["step"] == 5
+    resumed, result = _train(cfg, run_dir, resume=True)
+    assert result.steps == cfg.train.iterations
+    for pa, pb in zip(reference.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+
+
+def test_a_resumed_run_logs_each_step_once(tiny_dataset, tmp_path, monkeypatch):
+    cfg = tiny_config(tiny_dataset, checkpoint_every=5, train_log_every=1)
+    original_step, calls = Trainer._train_step, {"n": 0}
+
+    def crashing_step(self, scale, measure=False):
+        calls["n"] += 1
+        if calls["n"] == 8:  # steps 6 and 7 were logged after the step-5 checkpoint
+            raise KeyboardInterrupt("simulated kill")
+        return original_step(self, scale, measure)
+
+    monkeypatch.setattr(Trainer, "_train_step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        _logged_train(cfg, tmp_path / "run")
+    monkeypatch.setattr(Trainer, "_train_step", original_step)
+    run_dir = tmp_path / "run"
+    Trainer(cfg, resolve_dataset(cfg.data), CPU_WORLD, run_dir, RunLog(run_dir, True, False)).run(
+        resume=True
+    )
+    steps = [r["step"] for r in _records(run_dir) if "train_loss" in r]
+    assert steps == list(range(1, 13))

@@ -34,6 +34,15 @@ def _add_json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 
+def _add_allow_tokenizer_mismatch(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-tokenizer-mismatch",
+        action="store_true",
+        help="use a tokenizer other than the one the shards' meta.json records, or a "
+        "model.vocab_size other than its vocabulary, on purpose",
+    )
+
+
 # -- data ------------------------------------------------------------------------------------
 def cmd_data_build(args: argparse.Namespace) -> None:
     from pgolf.data.build import build_dataset
@@ -49,6 +58,7 @@ def cmd_data_build(args: argparse.Namespace) -> None:
         blank_line_docs=args.blank_line_docs,
         shard_tokens=args.shard_tokens,
         progress=not args.json,
+        caseops=args.caseops,
     )
     _print_result(result, args.json, json.dumps(result, indent=2))
 
@@ -72,26 +82,38 @@ def cmd_data_demo(args: argparse.Namespace) -> None:
 def cmd_data_inspect(args: argparse.Namespace) -> None:
     from pgolf.data.inspect import format_inspect, inspect_path
 
-    result = inspect_path(args.path, tokenizer=args.tokenizer)
+    result = inspect_path(
+        args.path,
+        tokenizer=args.tokenizer,
+        allow_tokenizer_mismatch=args.allow_tokenizer_mismatch,
+    )
     _print_result(result, args.json, format_inspect(result))
 
 
 # -- presets ---------------------------------------------------------------------------------
 def cmd_presets(args: argparse.Namespace) -> None:
-    from pgolf.config import load_preset, preset_names
-    from pgolf.model.gpt import GPT, count_parameters
+    from pgolf.config import load_preset, preset_names, preset_summary
+    from pgolf.model.gpt import count_parameters
+    from pgolf.model.shapes import shapes_only_model
 
     if args.name:
         cfg = load_preset(args.name)
         _print_result(cfg.to_dict(), args.json, json.dumps(cfg.to_dict(), indent=2))
         return
-    import torch
-
     rows = {}
     for name in preset_names():
-        with torch.device("meta"):
-            rows[name] = count_parameters(GPT(load_preset(name).model))
-    _print_result(rows, args.json, _table([(k, f"{v:,} parameters") for k, v in rows.items()]))
+        params = count_parameters(shapes_only_model(load_preset(name).model))
+        rows[name] = {"parameters": params, "summary": preset_summary(name)}
+    human = _table([(k, f"{v['parameters']:>11,}  {v['summary']}") for k, v in rows.items()])
+    _print_result(rows, args.json, human)
+
+
+def presets_epilog() -> str:
+    """The preset list for --help: every name with its one-line summary."""
+    from pgolf.config import preset_names, preset_summary
+
+    names = preset_names()
+    return "presets:\n" + _table([(f"  {n}", preset_summary(n)) for n in names])
 
 
 # -- run / stages ----------------------------------------------------------------------------
@@ -112,6 +134,15 @@ def _ensure_demo_data(world) -> Path:
     return out
 
 
+def default_run_dir(preset: str, world, now=datetime.now) -> Path:
+    """runs/PRESET_TIME, timed by rank 0: under torchrun, ranks reading their own clocks across
+    a second boundary would each write their own folder."""
+    from pgolf.dist import broadcast_object
+
+    stamp = broadcast_object(now().strftime("%Y%m%d_%H%M%S"), world)
+    return Path("runs") / f"{preset}_{stamp}"
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     from pgolf.config import resolve_config
     from pgolf.dist import init_world, shutdown
@@ -122,6 +153,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     try:
         if args.data:
             assignments.append(f"data.path={args.data}")
+        if args.allow_tokenizer_mismatch:
+            assignments.append("data.allow_tokenizer_mismatch=true")
         elif args.preset == "demo" and not os.environ.get("DATA_PATH"):
             assignments.append(f"data.path={_ensure_demo_data(world)}")
         cfg = resolve_config(args.preset, assignments)
@@ -130,8 +163,7 @@ def cmd_run(args: argparse.Namespace) -> None:
                 f"preset {cfg.preset} reproduces an illegal submission ({cfg.illegal}); "
                 "pass --allow-illegal to run it for research (the report will say so)"
             )
-        stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
-        run_dir = Path(args.out or Path("runs") / f"{args.preset}_{stamp}")
+        run_dir = Path(args.out) if args.out else default_run_dir(args.preset, world)
         report = run_pipeline(
             run_dir,
             cfg,
@@ -147,7 +179,8 @@ def cmd_run(args: argparse.Namespace) -> None:
         _print_result(report, args.json, human)
 
 
-def _stage(args: argparse.Namespace, fn, **kwargs) -> None:
+def _stage(args: argparse.Namespace, fn, then: str | None = None, **kwargs) -> None:
+    """Run one stage on RUN; `then` names the stages still to run, said on stderr."""
     from pgolf.dist import init_world, shutdown
     from pgolf.run import summary_rows
 
@@ -158,20 +191,27 @@ def _stage(args: argparse.Namespace, fn, **kwargs) -> None:
         shutdown(world)
     if world.is_main:
         _print_result(report, args.json, _table(summary_rows(report)))
+        if then:
+            print(f"next: {then}", file=sys.stderr)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     from pgolf.run import train_stage
 
     _stage(
-        args, train_stage, resume=args.resume, echo=not args.json, allow_illegal=args.allow_illegal
+        args,
+        train_stage,
+        then=f"pgolf quantize {args.run} && pgolf eval {args.run}",
+        resume=args.resume,
+        echo=not args.json,
+        allow_illegal=args.allow_illegal,
     )
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     from pgolf.run import export_stage
 
-    _stage(args, export_stage, echo=not args.json)
+    _stage(args, export_stage, then=f"pgolf eval {args.run}", echo=not args.json)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -183,7 +223,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
 # -- parser ----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="pgolf", description="Train the best language model that fits 16,000,000 bytes."
+        prog="pgolf",
+        description="Train the best language model that fits 16,000,000 bytes.",
+        epilog=presets_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"pgolf {pgolf.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -204,6 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--blank-line-docs", action="store_true", help=".txt: documents separated by blank lines"
     )
     p.add_argument("--shard-tokens", type=int, default=100_000_000, metavar="N")
+    p.add_argument(
+        "--caseops",
+        action="store_true",
+        help="the TOP record's lossless case transform (needs its CaseOps --tokenizer); val "
+        "shards get per-token original-byte sidecars that BPB counts",
+    )
     _add_json(p)
     p.set_defaults(func=cmd_data_build)
 
@@ -224,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = data_sub.add_parser("inspect", help="tokens, documents and official byte counts")
     p.add_argument("path", metavar="PATH", help="a shard, a glob or a dataset directory")
     p.add_argument("--tokenizer", metavar="MODEL")
+    _add_allow_tokenizer_mismatch(p)
     _add_json(p)
     p.set_defaults(func=cmd_data_inspect)
 
@@ -232,7 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_json(p)
     p.set_defaults(func=cmd_presets)
 
-    p = sub.add_parser("run", help="data → train → quantize → eval in one go")
+    p = sub.add_parser(
+        "run",
+        help="data → train → quantize → eval in one go",
+        epilog=presets_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--preset", default="demo")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
     p.add_argument("--data", metavar="DIR", help="dataset directory (default for demo: built)")
@@ -240,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--allow-illegal", action="store_true", help="run a preset that breaks the rules (research)"
     )
+    _add_allow_tokenizer_mismatch(p)
     p.add_argument(
         "--log",
         action="append",
@@ -285,8 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     except PgolfError as exc:
         print(f"pgolf: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("pgolf: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # training's says where its checkpoint is
+        detail = f": {exc}" if str(exc) else ""
+        print(f"pgolf: interrupted{detail}", file=sys.stderr)
         return 130
     return 0
 

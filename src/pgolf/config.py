@@ -105,6 +105,12 @@ def preset_names() -> list[str]:
     return sorted(p.name[: -len(".toml")] for p in files if p.name.endswith(".toml"))
 
 
+def preset_summary(name: str) -> str:
+    """The preset's top-level `summary` line, shown by `pgolf --help` and `pgolf presets`."""
+    text = resources.files("pgolf.presets").joinpath(f"{name}.toml").read_text()
+    return str(tomllib.loads(text).get("summary", ""))
+
+
 def load_preset(name: str) -> RunConfig:
     if name not in preset_names():
         raise PgolfError(f"unknown preset {name!r}; available: {', '.join(preset_names())}")
@@ -113,6 +119,7 @@ def load_preset(name: str) -> RunConfig:
         table = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise PgolfError(f"preset {name}: invalid TOML ({exc})") from None
+    table.pop("summary", None)  # the preset's one-line description: see preset_summary
     cfg = RunConfig(preset=name, illegal=str(table.pop("illegal", "")))
     for section, values in table.items():
         if not isinstance(values, dict):

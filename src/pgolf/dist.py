@@ -38,6 +38,11 @@ def _want_cuda() -> bool:
     return os.environ.get("PGOLF_DEVICE", "").lower() != "cpu" and torch.cuda.is_available()
 
 
+def uses_cuda() -> bool:
+    """Whether this process runs on CUDA: settings that only apply there ("cuda") ask this."""
+    return _want_cuda()
+
+
 def init_world() -> World:
     """Detect torchrun, start the process group if needed, and pick the device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -72,6 +77,15 @@ def all_reduce_max(value: float, world: World) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=world.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t.item())
+
+
+def broadcast_object(value, world: World):
+    """Rank 0's `value` (a picklable object) on every rank."""
+    if not world.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier(world: World) -> None:

@@ -9,10 +9,13 @@ files stay in the shared folder and are never copied into this repository. Calls
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import importlib.util
 import itertools
+import lzma
 import os
+import re
 import sys
 import types
 from pathlib import Path
@@ -41,12 +44,37 @@ SCRIPTS = {
 }
 _serial = itertools.count()
 
+# S1413 ships as `exec(lzma.decompress(b85decode("..."), FORMAT_RAW, LZMA2))`.
+_WRAPPED = re.compile(r'b85decode\("(.*?)"\)', re.S)
+# Its code nests double quotes inside two f-strings, which Python < 3.12 cannot parse; only those
+# quotes change (a log line and a shard-count message, no arithmetic).
+_PRE_312_QUOTES = (
+    ('{", ".join(', "{', '.join("),
+    ('glob("fineweb_train_*.bin")', "glob('fineweb_train_*.bin')"),
+)
+
 
 def reference_path(name: str) -> Path:
     path = shared_dir() / "reference" / SCRIPTS[name]
     if not path.is_file():
         pytest.fail(f"{path} missing: set PGOLF_SHARED to the shared folder")
     return path
+
+
+def _wrapped_source(path: Path) -> str | None:
+    """The code an lzma + base85 self-extracting script runs, or None for a plain script."""
+    found = _WRAPPED.search(path.read_text())
+    if found is None:
+        return None
+    raw = lzma.decompress(
+        base64.b85decode(found.group(1)),
+        format=lzma.FORMAT_RAW,
+        filters=[{"id": lzma.FILTER_LZMA2}],
+    ).decode()
+    if sys.version_info < (3, 12):
+        for old, new in _PRE_312_QUOTES:
+            raw = raw.replace(old, new)
+    return raw
 
 
 def _sdpa_bthd(q, k, v, causal=True, **_):
@@ -110,7 +138,11 @@ def load_official(name: str, **env) -> types.ModuleType:
     module = importlib.util.module_from_spec(spec)
     with _patched({k: str(v) for k, v in env.items()}):
         sys.modules[module_name] = module  # dataclasses and pickling look a module up by name
-        spec.loader.exec_module(module)
+        wrapped = _wrapped_source(path)
+        if wrapped is None:
+            spec.loader.exec_module(module)
+        else:
+            exec(compile(wrapped, str(path), "exec"), module.__dict__)
         module.args = module.Hyperparameters() if hasattr(module, "Hyperparameters") else None
     # Functions that call torch.compile at call time (eval loops, TTT) get the identity too.
     module.torch_compile_identity = _identity_compile
@@ -128,9 +160,32 @@ def no_compile():
         torch.compile = saved
 
 
+@contextlib.contextmanager
+def cuda_autocast_on_cpu():
+    """The scripts' `torch.autocast(device_type="cuda", ...)` as CPU autocast, for bf16 tests.
+
+    Only the device changes; ops whose autocast dtype differs between the two devices (CPU
+    keeps softmax in bf16, CUDA widens it) must be compared under the same autocast on both sides.
+    """
+    real = torch.autocast
+
+    def on_cpu(device_type, *args, **kwargs):
+        return real("cpu" if device_type == "cuda" else device_type, *args, **kwargs)
+
+    torch.autocast = on_cpu
+    try:
+        yield
+    finally:
+        torch.autocast = real
+
+
 def assert_close(quantity: str, ours, theirs, atol: float = 0.0, rtol: float = 0.0):
     """Equal within tolerance, or fail naming the quantity and both values."""
-    ours_t, theirs_t = torch.as_tensor(ours), torch.as_tensor(theirs)
+    # Python floats and lists become float64: torch's default float32 would round them first.
+    ours_t, theirs_t = (
+        x if isinstance(x, torch.Tensor) else torch.as_tensor(x, dtype=torch.float64)
+        for x in (ours, theirs)
+    )
     if ours_t.shape != theirs_t.shape:
         pytest.fail(f"{quantity}: shape pgolf {tuple(ours_t.shape)} vs official "
                     f"{tuple(theirs_t.shape)}")  # fmt: skip

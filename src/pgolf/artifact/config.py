@@ -36,6 +36,9 @@ class ExportConfig:
     clip_percentile: float = 0.9999984  # for `percentile`
     clip_search_per_row: bool = False  # `search`: S414 picks per matrix, P578/P1004 per row
     hsd_lambda: float = 0.175  # Hessian-aware SDClip strength (HSD)
+    # per-row scales ≥ 1/qmax (int6 1/31, int8 1/127) as every record up to S1060 and the seeds do;
+    # off = no floor (S1394+), so a row with max |w| ≈ 0.1 keeps its own fine grid
+    scale_floor: bool = False
     # -- GPTQ (SPEC §5.21, §9.6) --
     gptq_matrix: bool = True
     gptq_embed: bool = True
@@ -51,11 +54,15 @@ class ExportConfig:
     calib_batch_tokens: int = 0  # 0 = train.train_batch_tokens
     calib_all_reduce: bool = False  # sum Hessians over ranks (the records keep rank 0's)
     selfgen_seqs: int = 64
-    selfgen_len: int = 2048
+    selfgen_len: int = 0  # tokens per sequence; 0 = train.train_seq_len, as S1019 does
     selfgen_temperature: float = 0.8
     selfgen_batch: int = 8
-    selfgen_context: int = 0  # 0 = full prefix each step (exact, quadratic without a KV cache)
+    selfgen_context: int = 0  # 0 = the whole prefix (a KV cache where the model has one)
     # -- packing and the byte budget (SPEC §1.2, §5.24, §5.25) --
     compressor: str = env_field("COMPRESSOR", "auto")  # auto | rans | zstd | lzma | brotli | ...
     target_bytes: int = 0  # model-byte target; 0 = 16,000,000 - code bytes (decimal)
+    # The code bytes that target leaves room for: a record preset declares its own script's size
+    # (what would ship); 0 = measure by `code_measure`.
+    code_bytes: int = 0
+    code_measure: str = "imported"  # imported (pgolf files loaded) | exported | exported-lzma
     fit_prune: str = "pm1"  # pm1 (±1 entries, Hessian-weighted) | magnitude | none

@@ -81,7 +81,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="FOLDER")
     p.add_argument("--force", action="store_true", help="write into an existing folder")
     p.add_argument("--author", help="default: git config user.name")
-    p.add_argument("--github-id", help="default: git config user.email")
+    p.add_argument("--github-id", help="your GitHub user name (default: none)")
     p.add_argument("--name", help="submission name (default: pgolf PRESET)")
     p.add_argument("--blurb", help="one-paragraph description")
     p.add_argument(

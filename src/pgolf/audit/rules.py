@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import numpy as np
 from pgolf import run as run_mod
 from pgolf.audit import probes
 from pgolf.audit.records import byte_tables_sha256
+from pgolf.audit.verdicts import FAIL, PASS, UNPROVEN, time_verdicts
 from pgolf.config import RunConfig
 from pgolf.data.dataset import resolve_dataset
 from pgolf.data.shards import HEADER_BYTES, load_tokens
@@ -30,9 +30,7 @@ from pgolf.eval.bpb import TorchByteTables
 from pgolf.eval.evaluate import batch_windows
 from pgolf.eval.windows import build_tiling
 
-PASS, FAIL, UNPROVEN = "pass", "fail", "unproven"
 BYTES_CAP = run_mod.BYTES_CAP
-TIME_CAP_S = run_mod.TIME_CAP_S
 # A shard's identity for the data check: its first 64 KiB of tokens after the header. Hashing
 # whole 200 MB shards would make the audit slower than the evaluation it checks.
 _IDENTITY_BYTES = 1 << 16
@@ -87,42 +85,12 @@ def check_artifact(run_dir: Path, cfg: RunConfig, report: dict) -> dict:
     )
 
 
-def _on_record_hardware(report: dict) -> bool:
-    return str(report.get("device", "")).startswith("cuda") and report.get("world_size") == 8
-
-
 def check_time(report: dict) -> list[dict]:
-    calib = report.get("calibration") or {}
-    # Calibration that reads training data is training (SPEC §1.3).
-    calib_s = (
-        float(report.get("calib_time_s") or 0.0) if calib.get("calib_source") == "train" else 0
-    )
-    train_s = float(report.get("train_time_s", math.nan)) + calib_s
-    eval_s = float(report.get("eval_time_s", math.nan))
-    hardware = f"{report.get('world_size')}×{report.get('device')}"
-    out = []
-    for rule, seconds, what in (
-        ("training_time", train_s, f"training incl. {calib_s:.1f} s train-data calibration"),
-        ("eval_time", eval_s, "from artifact load to the last score"),
-    ):
-        if not seconds <= TIME_CAP_S:  # NaN (missing) is not a pass either
-            status = FAIL
-            note = ""
-        elif _on_record_hardware(report):
-            status, note = PASS, f" on {hardware} (GPU model not recorded: check it is H100 SXM)"
-        else:
-            status = UNPROVEN
-            note = f" measured on {hardware}: this does not prove the 8×H100 budget"
-        out.append(
-            verdict(
-                rule,
-                status,
-                f"{seconds:.1f} s {what} (cap {TIME_CAP_S:g} s){note}",
-                seconds=seconds,
-                hardware=hardware,
-            )
-        )
-    return out
+    """Training and eval time, as the run's own compliance record states them (one function)."""
+    return [
+        verdict(rule, v["status"], v["detail"], seconds=v["seconds"], hardware=v["hardware"])
+        for rule, v in time_verdicts(report).items()
+    ]
 
 
 def _shard_identity(path: Path) -> tuple[int, str]:

@@ -4,7 +4,8 @@ OUT/ gets `fineweb_val_*.bin` (the first `val_docs` documents), `fineweb_train_*
 in order), `tokenizer.model` and `meta.json`. Each document is written as `[BOS] + sp.encode(text)`
 with no EOS, exactly as the official exporter does; the exporter encodes the raw text (its NUL→space
 and strip clean-up applies only to tokenizer training), so we do too, and that reproduces the
-official dev shard token for token.
+official dev shard token for token. With `caseops` every text goes through the TOP record's case
+transform first and each val shard gets its byte sidecar (`pgolf.data.caseops`).
 
 The whole directory is built beside OUT and renamed into place at the end, so OUT is either the
 complete old dataset, the complete new one, or absent; never half written.
@@ -12,7 +13,6 @@ complete old dataset, the complete new one, or absent; never half written.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from pgolf import __version__
+from pgolf.data.caseops import TRANSFORM, check_counts_fit, check_tokenizer, encode_documents
 from pgolf.data.documents import iter_sourced_documents, resolve_inputs
-from pgolf.data.shards import DEFAULT_SHARD_TOKENS, ShardWriter
+from pgolf.data.shards import BYTE_SIDECAR, DEFAULT_SHARD_TOKENS, ShardWriter
 from pgolf.data.tokenizer import (
     BOS_ID,
     clean_for_training,
@@ -35,7 +36,7 @@ from pgolf.data.tokenizer import (
     train_tokenizer,
 )
 from pgolf.errors import PgolfError
-from pgolf.fileio import write_text_atomic
+from pgolf.fileio import remove_empty_dirs, writable_dir, write_text_atomic
 from pgolf.progress import progress_bar
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -65,6 +66,7 @@ def build_dataset(
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     progress: bool = True,
     overwrite: bool = False,
+    caseops: bool = False,
 ) -> dict:
     """Build OUT from text files with an existing tokenizer, or one trained on the documents.
 
@@ -107,6 +109,7 @@ def build_dataset(
         sources=sources,
         settings=settings,
         label=", ".join(str(p) for p in files),
+        caseops=caseops,
     )
 
 
@@ -126,6 +129,7 @@ def write_dataset(
     tokenizer_note: str | None = None,
     tokenizer_threads: int = TOKENIZER_TRAIN_THREADS,
     label: str = "input",
+    caseops: bool = False,
 ) -> dict:
     """The engine behind `build_dataset` and the demo: documents in, dataset directory out.
 
@@ -133,7 +137,8 @@ def write_dataset(
     encoding). `tokenizer_texts()` overrides what a new tokenizer is trained on (default: the
     documents' texts); `tokenizer_note` describes that choice in meta.json. `sources` (or a
     function returning them, called only once the build has succeeded) describes the inputs;
-    `label` names them in error messages.
+    `label` names them in error messages. `caseops` writes the record's CaseOps form (an
+    existing tokenizer that reserves the operators is required).
     """
     start = time.perf_counter()
     if (tokenizer is None) == (vocab_size is None):
@@ -144,14 +149,17 @@ def write_dataset(
         raise PgolfError(f"shard size must be a positive number of tokens, got {shard_tokens}")
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, overwrite)
+    if caseops and tokenizer is None:
+        raise PgolfError("--caseops needs --tokenizer: the record's CaseOps SP8192 model")
     if tokenizer is not None:
-        load_tokenizer(tokenizer)  # a bad model fails now, before anything is created
+        sp = load_tokenizer(tokenizer)  # a bad model fails now, before anything is created
+        if caseops:
+            check_tokenizer(sp, tokenizer)
     first = next(iter(documents()), None)
     if first is None:
         raise PgolfError(f"{label}: no documents found; expected at least one")
 
-    created = _missing_ancestors(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    created = writable_dir(out_dir.parent, "--out")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
     try:
         tok_path = tmp / TOKENIZER_FILE
@@ -165,7 +173,8 @@ def write_dataset(
         if tokenizer_note:
             tok_meta["note"] = tokenizer_note
         sp = load_tokenizer(tok_path)
-        splits = _write_shards(sp, documents, tmp, val_docs, shard_tokens, progress)
+        splits = _write_shards(sp, documents, tmp, val_docs, shard_tokens, progress, caseops)
+        caseops_meta = splits.pop("caseops", False)
         meta = {
             "format": META_FORMAT,
             "pgolf_version": __version__,
@@ -177,6 +186,7 @@ def write_dataset(
             },
             "documents": splits["train"]["documents"] + splits["val"]["documents"],
             "tokens": splits["train"]["tokens"] + splits["val"]["tokens"],
+            "caseops": caseops_meta,
             "splits": splits,
             "sources": (sources() if callable(sources) else sources) or [],
             "settings": {**(settings or {}), "bos_id": BOS_ID, "append_eos": False},
@@ -185,9 +195,7 @@ def write_dataset(
         _install(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        for path in created:  # deepest first; only directories this call made, and only if empty
-            with contextlib.suppress(OSError):
-                path.rmdir()
+        remove_empty_dirs(created)  # only directories this call made
         raise
     return {**meta, "out_dir": str(out_dir.resolve()), "seconds": time.perf_counter() - start}
 
@@ -197,15 +205,6 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
         raise PgolfError(f"{out_dir}: exists and is not a directory; expected a dataset directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise PgolfError(f"{out_dir}: directory is not empty; choose a new one or overwrite it")
-
-
-def _missing_ancestors(path: Path) -> list[Path]:
-    missing = []
-    parent = path.absolute().parent
-    while not parent.exists():
-        missing.append(parent)
-        parent = parent.parent
-    return missing
 
 
 def _install(tmp: Path, out_dir: Path) -> None:
@@ -265,27 +264,47 @@ def _train(texts: Callable[[], Iterable[str]], vocab_size: int, path: Path, thre
 
 
 def _write_shards(
-    sp, documents: DocumentSource, out: Path, val_docs: int, shard_tokens: int, progress: bool
+    sp,
+    documents: DocumentSource,
+    out: Path,
+    val_docs: int,
+    shard_tokens: int,
+    progress: bool,
+    caseops: bool = False,
 ) -> dict:
     writers = {
         "val": ShardWriter(out, "val", shard_tokens),
         "train": ShardWriter(out, "train", shard_tokens),
+        # Split at the same token counts as the val writer, so sidecar i pairs with val shard i.
+        BYTE_SIDECAR: ShardWriter(out, BYTE_SIDECAR, shard_tokens),
     }
     doc_counts = {"val": 0, "train": 0}
+    original_bytes = 0
     bar = progress_bar(desc="tokenizing", enabled=progress, unit=" docs")
     with bar:
         for batch in _batches(documents(), ENCODE_BATCH_DOCS):
-            try:
-                encoded = sp.encode([text for _, text in batch], out_type=int)
-            except (RuntimeError, UnicodeError) as exc:
-                raise PgolfError(f"{batch[0][0]}: could not tokenize a document ({exc})") from None
             # Validation documents come first, so a batch splits at most once, at `cut`.
             seen = doc_counts["val"] + doc_counts["train"]
-            cut = min(max(val_docs - seen, 0), len(encoded))
-            for split, part in (("val", encoded[:cut]), ("train", encoded[cut:])):
-                if part:
-                    writers[split].add(_with_bos(part))
-                    doc_counts[split] += len(part)
+            cut = min(max(val_docs - seen, 0), len(batch))
+            for split, part in (("val", batch[:cut]), ("train", batch[cut:])):
+                if not part:
+                    continue
+                texts = [text for _, text in part]
+                try:
+                    if caseops:
+                        encoded, counts = encode_documents(sp, texts, split == "val")
+                    else:
+                        encoded, counts = sp.encode(texts, out_type=int), None
+                except (RuntimeError, UnicodeError) as exc:
+                    raise PgolfError(
+                        f"{part[0][0]}: could not tokenize a document ({exc})"
+                    ) from None
+                writers[split].add(_with_bos(encoded))
+                if counts is not None:
+                    check_counts_fit(counts, part[0][0])
+                    writers[BYTE_SIDECAR].add(_with_bos(counts, first=0))  # BOS: no bytes
+                    original_bytes += sum(map(sum, counts))
+                doc_counts[split] += len(part)
             bar.update(len(batch))
     total = doc_counts["val"] + doc_counts["train"]
     if total < val_docs or doc_counts["train"] == 0:
@@ -300,17 +319,24 @@ def _write_shards(
             "tokens": writers[split].total_tokens,
             "files": [p.name for p in paths],
         }
+    if caseops:
+        paths = writers[BYTE_SIDECAR].close() if doc_counts["val"] else []
+        result["caseops"] = {
+            "transform": TRANSFORM,
+            "byte_sidecar": [p.name for p in paths],
+            "val_original_bytes": original_bytes,
+        }
     return result
 
 
-def _with_bos(encoded: list[list[int]]) -> np.ndarray:
-    """Concatenate documents as `[BOS] + ids` each (no EOS, SPEC §2.1)."""
+def _with_bos(encoded: list[list[int]], first: int = BOS_ID) -> np.ndarray:
+    """Concatenate documents as `[BOS] + ids` each (no EOS, SPEC §2.1); `first` replaces BOS."""
     lengths = np.fromiter((len(ids) for ids in encoded), dtype=np.int64, count=len(encoded))
     flat = np.fromiter(
         itertools.chain.from_iterable(encoded), dtype=np.int64, count=int(lengths.sum())
     )
     starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
-    return np.insert(flat, starts, BOS_ID)
+    return np.insert(flat, starts, first)
 
 
 def _batches(items: Iterable, size: int) -> Iterator[list]:

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import sentencepiece as spm
+
 from pgolf.data.config import DataConfig
-from pgolf.data.shards import find_shards, read_header
+from pgolf.data.shards import check_token_ids, find_shards, read_header
+from pgolf.data.tokenizer import file_sha256, load_tokenizer
 from pgolf.errors import PgolfError
+
+META_FILE = "meta.json"
+MISMATCH_HINT = (
+    "pass --allow-tokenizer-mismatch (setting data.allow_tokenizer_mismatch=true) to use it "
+    "on purpose"
+)
 
 
 @dataclass(frozen=True)
@@ -34,3 +45,53 @@ def resolve_dataset(data: DataConfig) -> DatasetFiles:
     for path in train + val:
         read_header(path)  # validate every shard before any work starts
     return DatasetFiles(train=train, val=val, tokenizer=tokenizer)
+
+
+def check_tokenizer_recorded(tokenizer: Path, shards: Iterable[Path]) -> None:
+    """Refuse a tokenizer other than the one the shards' meta.json records (by sha256).
+
+    Directories without a meta.json that records one (e.g. fetched by upstream's script) pass:
+    there only the token-id check can catch a wrong tokenizer.
+    """
+    digest = None
+    for folder in sorted({Path(p).parent for p in shards}):
+        meta_path = folder / META_FILE
+        try:
+            recorded = json.loads(meta_path.read_text(encoding="utf-8"))["tokenizer"]["sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        digest = digest or file_sha256(tokenizer)
+        if recorded != digest:
+            raise PgolfError(
+                f"{tokenizer}: not the tokenizer the shards in {folder} were made with "
+                f"({meta_path} records sha256 {str(recorded)[:12]}…, this is {digest[:12]}…); "
+                f"{MISMATCH_HINT}"
+            )
+
+
+def check_dataset(
+    files: DatasetFiles,
+    data: DataConfig,
+    model_vocab: int,
+    splits: Iterable[str] = ("train", "val"),
+) -> spm.SentencePieceProcessor:
+    """Check tokenizer, model vocabulary and every shard of `splits` before any work starts.
+
+    The tokenizer must be the one meta.json records and have exactly `model_vocab` pieces
+    (unless data.allow_tokenizer_mismatch); every token id must be below the model's vocabulary
+    in any case, or the embedding lookup fails mid-run. Returns the loaded tokenizer.
+    """
+    sp = load_tokenizer(files.tokenizer)
+    shards = [p for split in splits for p in getattr(files, split)]
+    tok_vocab = int(sp.vocab_size())
+    if not data.allow_tokenizer_mismatch:
+        check_tokenizer_recorded(files.tokenizer, shards)
+        if tok_vocab != model_vocab:
+            raise PgolfError(
+                f"model.vocab_size={model_vocab} but the tokenizer {files.tokenizer} has "
+                f"{tok_vocab} pieces; set model.vocab_size={tok_vocab}, or {MISMATCH_HINT}"
+            )
+    limit_name = f"model.vocab_size={model_vocab} (tokenizer {files.tokenizer}: {tok_vocab} pieces)"
+    for path in shards:
+        check_token_ids(path, model_vocab, limit_name)
+    return sp

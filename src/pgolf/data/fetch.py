@@ -35,7 +35,7 @@ from tqdm import tqdm
 from pgolf.data.shards import read_header, shard_name
 from pgolf.data.tokenizer import file_sha256, load_tokenizer
 from pgolf.errors import PgolfError
-from pgolf.fileio import write_text_atomic
+from pgolf.fileio import writable_dir, write_text_atomic
 
 # SPEC §2.4: sp1024 lives in the official repo; the larger vocabularies were published separately.
 VARIANT_REPOS = {
@@ -96,7 +96,7 @@ def fetch_dataset(
     if out.exists() and not out.is_dir():
         raise PgolfError(f"--out {out}: exists and is not a directory")
     _refuse_other_dataset(out, variant, repo_id)
-    out.mkdir(parents=True, exist_ok=True)
+    writable_dir(out, "--out")
     show = progress and sys.stderr.isatty()
     hub = _Hub(repo_id, out / CACHE_DIR, _FileBar if show else _QuietBar)
 

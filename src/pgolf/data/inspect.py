@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pgolf.data.dataset import check_tokenizer_recorded
 from pgolf.data.shards import SPLITS, find_shards, read_shard
 from pgolf.data.tokenizer import (
     BOS_ID,
@@ -29,11 +30,16 @@ CHUNK_TOKENS = 1 << 24
 DATASET_TOKENIZER = "tokenizer.model"
 
 
-def inspect_path(path: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> dict:
+def inspect_path(
+    path: str | os.PathLike,
+    tokenizer: str | os.PathLike | None = None,
+    allow_tokenizer_mismatch: bool = False,
+) -> dict:
     """Count files, tokens, documents and (with a tokenizer) targets and their official bytes.
 
     A dataset directory reports `train` and `val` separately and uses DIR/tokenizer.model when
-    no tokenizer is given; a shard or a glob is one split called `shards`.
+    no tokenizer is given; a shard or a glob is one split called `shards`. A tokenizer other than
+    the one the shards' meta.json records is refused unless `allow_tokenizer_mismatch`.
     """
     root = Path(path)
     if root.is_dir():
@@ -51,6 +57,8 @@ def inspect_path(path: str | os.PathLike, tokenizer: str | os.PathLike | None = 
     tables, vocab, tok_info = None, None, None
     if tokenizer is not None:
         sp = load_tokenizer(tokenizer)
+        if not allow_tokenizer_mismatch:
+            check_tokenizer_recorded(Path(tokenizer), [p for ps in splits.values() for p in ps])
         vocab = int(sp.vocab_size())
         tables = build_byte_tables(sp)
         tok_info = {"path": str(tokenizer), "sha256": file_sha256(tokenizer), "vocab_size": vocab}

@@ -23,13 +23,17 @@ HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 DEFAULT_SHARD_TOKENS = 100_000_000
 MAX_VOCAB = 1 << 16
+CHECK_CHUNK_TOKENS = 1 << 23  # 16 MiB of ids per step of check_token_ids
 SPLITS = ("train", "val")
+# CaseOps datasets add, per val shard, a same-format shard of per-token byte counts (SPEC §2.3).
+BYTE_SIDECAR = "val_bytes"
 _SHARD_NAME = re.compile(r"^fineweb_(train|val)_(\d{6})\.bin$")
+_SIDECAR_NAME = re.compile(r"^fineweb_val_bytes_\d{6}\.bin$")
 
 
 def shard_name(split: str, index: int) -> str:
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split not in (*SPLITS, BYTE_SIDECAR):
+        raise ValueError(f"split must be one of {(*SPLITS, BYTE_SIDECAR)}, got {split!r}")
     return f"fineweb_{split}_{index:06d}.bin"
 
 
@@ -63,6 +67,28 @@ def read_shard(path: str | os.PathLike, mmap: bool = True) -> np.ndarray:
     if mmap and num_tokens > 0:
         return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(num_tokens,))
     return np.fromfile(path, dtype="<u2", count=num_tokens, offset=HEADER_BYTES)
+
+
+def check_token_ids(path: str | os.PathLike, limit: int, limit_name: str) -> int:
+    """Validate a shard's header and size and that every token id is below `limit`.
+
+    Returns the token count. Reads the shard in chunks through a memory map and takes a vectorised
+    max of each, so a 100M-token shard costs one sequential read. A bad id is reported with its
+    token index and byte offset in the file; `limit_name` says where the limit comes from.
+    """
+    num_tokens = read_header(path)
+    if num_tokens == 0 or limit >= MAX_VOCAB:
+        return num_tokens  # every uint16 id fits
+    tokens = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(num_tokens,))
+    for start in range(0, num_tokens, CHECK_CHUNK_TOKENS):
+        chunk = tokens[start : start + CHECK_CHUNK_TOKENS]
+        if int(chunk.max()) >= limit:
+            index = start + int(np.argmax(chunk >= limit))
+            raise PgolfError(
+                f"{path}: token id {int(tokens[index])} at token {index:,} (byte offset "
+                f"{HEADER_BYTES + 2 * index:,}) is not below {limit_name}"
+            )
+    return num_tokens
 
 
 def shard_bytes(tokens: np.ndarray) -> bytes:
@@ -140,7 +166,8 @@ def find_shards(pattern: str | os.PathLike, split: str | None = None) -> list[Pa
             names = [p for p in names if _SHARD_NAME.match(p.name).group(1) == split]
         paths = names
     elif any(ch in text for ch in "*?["):
-        paths = sorted(Path(p) for p in glob.glob(text))
+        # `fineweb_val_*.bin` also matches the byte sidecars, which are not token shards.
+        paths = sorted(Path(p) for p in glob.glob(text) if not _SIDECAR_NAME.match(Path(p).name))
     else:
         paths = [path]
     if not paths:

@@ -2,6 +2,7 @@
 
 A scored prediction of target `y` after previous token `p` covers
 `base_bytes[y] + (has_leading_space[y] and not is_boundary[p])` bytes of normalised text.
+A CaseOps dataset instead gives each target's bytes in a sidecar (`SidecarBytes`).
 Losses are summed in nats in float64; `bpb = nats / (ln 2 · bytes)`. Sums, never means, are what
 ranks all-reduce, so any split of the stream gives the same number.
 """
@@ -33,9 +34,31 @@ class TorchByteTables:
         self.has_leading_space = torch.as_tensor(tables.has_leading_space, device=device)
         self.is_boundary = torch.as_tensor(tables.is_boundary, device=device)
 
-    def target_bytes(self, prev: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def target_bytes(
+        self, prev: torch.Tensor, target: torch.Tensor, positions: np.ndarray | None = None
+    ) -> torch.Tensor:
+        """Bytes of each prediction; the tokens alone decide them, so `positions` is unused."""
         space = self.has_leading_space[target] & ~self.is_boundary[prev]
         return self.base_bytes[target] + space.long()
+
+
+class SidecarBytes:
+    """Byte counts per val token from a CaseOps byte sidecar, in place of the tokenizer's tables.
+
+    `counts[i]` is the number of original UTF-8 bytes token i of the val stream stands for (0 for
+    BOS and the case operators), so a prediction's bytes are its target's entry, found by the
+    target's position in the stream (as the TOP record's eval reads its sidecar).
+    """
+
+    def __init__(self, counts: np.ndarray, device: torch.device | str = "cpu"):
+        self.counts = np.asarray(counts)
+        self.device = device
+
+    def target_bytes(
+        self, prev: torch.Tensor, target: torch.Tensor, positions: np.ndarray
+    ) -> torch.Tensor:
+        nbytes = self.counts[np.asarray(positions)].astype(np.int64)
+        return torch.from_numpy(nbytes).to(self.device)
 
 
 @dataclass

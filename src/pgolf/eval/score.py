@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from pgolf.dist import World
-from pgolf.eval.bpb import BpbSums, TorchByteTables
+from pgolf.eval.bpb import BpbSums, SidecarBytes, TorchByteTables
 
 
 def num_nonoverlapping_windows(num_tokens: int, seq_len: int) -> int:
@@ -38,7 +38,7 @@ def score_nonoverlapping(
     tokens: np.ndarray,
     seq_len: int,
     batch_tokens: int,
-    byte_tables: TorchByteTables,
+    byte_tables: TorchByteTables | SidecarBytes,
     world: World,
 ) -> BpbSums:
     """Score the stream in disjoint windows of `seq_len`; returns the all-reduced sums."""
@@ -57,9 +57,10 @@ def score_nonoverlapping(
         y = local[1:].reshape(-1, seq_len)
         with autocast_context(world.device):
             nll = model.loss(x, y, reduction="none")
+        positions = np.arange(first * seq_len + 1, last * seq_len + 1).reshape(-1, seq_len)
         sums.add(
             nats=nll.double().sum().item(),
-            num_bytes=byte_tables.target_bytes(x, y).sum().item(),
+            num_bytes=byte_tables.target_bytes(x, y, positions).sum().item(),
             tokens=y.numel(),
         )
     model.train(was_training)

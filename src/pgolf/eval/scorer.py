@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from pgolf.dist import World
-from pgolf.eval.bpb import BpbSums, TorchByteTables, bits_per_byte
+from pgolf.eval.bpb import BpbSums, SidecarBytes, TorchByteTables, bits_per_byte
 from pgolf.eval.ledger import ScoredLedger
 from pgolf.eval.score import autocast_context, rank_window_range
 from pgolf.eval.windows import Tiling
@@ -69,7 +69,7 @@ class WindowScorer:
     model: torch.nn.Module
     tokens: np.ndarray
     tiling: Tiling
-    byte_tables: TorchByteTables
+    byte_tables: TorchByteTables | SidecarBytes
     world: World
     batch_windows: int
     temperature: float = 1.0
@@ -106,7 +106,9 @@ class WindowScorer:
         nll = F.cross_entropy(
             logits.reshape(-1, logits.size(-1)).float(), y_t.reshape(-1), reduction="none"
         ).view_as(y_t)
-        nbytes = self.byte_tables.target_bytes(x_t, y_t)
+        # Targets sit one past their inputs; padding's positions are clamped and never summed.
+        target_pos = np.minimum(pos + 1, len(self.tokens) - 1)
+        nbytes = self.byte_tables.target_bytes(x_t, y_t, target_pos)
         nats = torch.where(mask, nll.double(), 0.0).sum()
         num_bytes = torch.where(mask, nbytes, 0).sum().double()
         acc += torch.stack((nats, num_bytes, mask.sum().double()))

@@ -20,10 +20,19 @@ import torch
 import pgolf
 from pgolf.audit.compare import load_seed_runs
 from pgolf.audit.rules import BYTES_CAP, load_run
+from pgolf.audit.verdicts import (
+    FAIL,
+    PASS,
+    REPORT_KEYS,
+    combined,
+    ok_of,
+    status_of,
+    time_verdicts,
+)
 from pgolf.config import load_preset
 from pgolf.errors import PgolfError
 from pgolf.export.bundle import bundle_script, bundled_modules, compress_script
-from pgolf.fileio import write_text_atomic
+from pgolf.fileio import writable_dir, write_text_atomic
 
 # config keys that switch a technique on, with the SPEC section that describes it
 TECHNIQUES = {
@@ -45,34 +54,62 @@ TECHNIQUES = {
     ("model", "mlp_activation"): "§5.13 LeakyReLU(0.5)²",
     ("model", "logit_softcap"): "§5.15 logit softcap",
 }
-TIME_KEYS = ("training_under_600s", "eval_under_600s")
 # import name → distribution name, where they differ
 _DISTRIBUTIONS = {"yaml": "pyyaml"}
 _STDLIB_BACKPORTS = {"tomli": "tomli; python_version < '3.11'"}
+_IMPORT_ERRORS = ("ImportError", "ModuleNotFoundError")
+# Imported only by the codecs that use them; the mixed export's fit-to-budget may try them all.
+_MIXED_EXPORT_COMPRESSORS = ("brotli", "zstandard")
 
 
-def git_identity() -> tuple[str, str]:
-    def read(key: str) -> str:
-        try:
-            out = subprocess.run(
-                ["git", "config", key], capture_output=True, text=True, timeout=5, check=False
-            )
-        except (OSError, subprocess.SubprocessError):
-            return ""
-        return out.stdout.strip()
-
-    return read("user.name"), read("user.email")
+def git_user_name() -> str:
+    """`git config user.name`, or "" (never the e-mail address: submission.json is public)."""
+    try:
+        out = subprocess.run(
+            ["git", "config", "user.name"], capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip()
 
 
-def third_party_requirements() -> list[str]:
-    """Pinned distributions the bundled modules import (stdlib and pgolf excluded)."""
+def _catches_import_error(handler: ast.ExceptHandler) -> bool:
+    types = handler.type.elts if isinstance(handler.type, ast.Tuple) else [handler.type]
+    return any(isinstance(t, ast.Name) and t.id in _IMPORT_ERRORS for t in types)
+
+
+def required_imports(tree: ast.Module) -> set[str]:
+    """Top-level names of the modules `tree` imports, less optional ones.
+
+    An import in the body of a `try` that handles ImportError is optional (the code runs
+    without it); one in the handler is the fallback and is required.
+    """
+    optional = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Try) and any(map(_catches_import_error, node.handlers)):
+            optional.update(id(n) for stmt in node.body for n in ast.walk(stmt))
+    names = set()
+    for node in ast.walk(tree):
+        if id(node) in optional:
+            continue
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def third_party_requirements(config: dict) -> list[str]:
+    """Pinned distributions the exported script needs (stdlib and pgolf excluded).
+
+    Those the bundled modules import unconditionally, plus the optional compressors when the
+    config's export can use them.
+    """
     names = set()
     for path in bundled_modules().values():
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Import):
-                names.update(a.name.split(".")[0] for a in node.names)
-            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
-                names.add(node.module.split(".")[0])
+        names |= required_imports(ast.parse(path.read_text(encoding="utf-8")))
+    if config.get("export", {}).get("codec") == "mixed":
+        names |= set(_MIXED_EXPORT_COMPRESSORS)
     names -= set(sys.stdlib_module_names) | {"pgolf", "__future__"}
     lines = []
     for name in sorted(names):
@@ -142,19 +179,10 @@ def build_submission(
             else 0.0
         )
 
-    compliance_keys = sorted({k for rep in reports for k in rep.get("compliance", {})})
+    # true = pass, false = fail, null = unproven (pgolf.audit.verdicts)
     compliance = {
-        k: all((rep.get("compliance", {}).get(k) or {}).get("ok", False) for rep in reports)
-        for k in compliance_keys
+        key: ok_of(status) for key, (status, _) in compliance_verdicts(reports, totals).items()
     }
-    # Timings from other hardware than 8×H100 prove nothing about the budget: not a "true".
-    record_hardware = all(
-        str(rep.get("device", "")).startswith("cuda") and rep.get("world_size") == 8
-        for rep in reports
-    )
-    for key in TIME_KEYS:
-        if key in compliance:
-            compliance[key] = compliance[key] and record_hardware
     compliance["no_pre_quant_ttt"] = not any(rep.get("prequant_ttt") for rep in reports)
     compliance["three_seeds"] = len(rows) >= 3
     return {
@@ -180,6 +208,34 @@ def build_submission(
         "pgolf_version": pgolf.__version__,
         "compliance": compliance,
     }
+
+
+def compliance_verdicts(reports: list[dict], totals: list[int]) -> dict[str, tuple[str, str]]:
+    """(status, detail) per compliance rule over the seeds, in the audit's vocabulary.
+
+    Bytes are the submission's (`totals`: this train_gpt.py + each seed's artifact), not the
+    run's count of the pgolf files it imported; timings come from the audit's own function, so
+    reports written before `status` existed read the same too.
+    """
+    per_seed: dict[str, list[tuple[str, str]]] = {}
+    for report in reports:
+        seed = {
+            k: (status_of(e), e.get("detail", "")) for k, e in report.get("compliance", {}).items()
+        }
+        seed.update(
+            {REPORT_KEYS[r]: (v["status"], v["detail"]) for r, v in time_verdicts(report).items()}
+        )
+        for key, verdict in seed.items():
+            per_seed.setdefault(key, []).append(verdict)
+    out = {}
+    for key, seeds in sorted(per_seed.items()):
+        status = combined(s for s, _ in seeds)
+        # The detail of a seed with the combined status: the one that decided it.
+        out[key] = next((s, d) for s, d in seeds if s == status)
+    # One figure for the bytes, the submission's bytes_total: the largest seed's.
+    size = PASS if max(totals) <= BYTES_CAP else FAIL
+    out["artifact_under_16mb"] = (size, f"{max(totals):,} of {BYTES_CAP:,} decimal bytes")
+    return out
 
 
 def render_readme(sub: dict, config: dict, reports: list[dict]) -> str:
@@ -230,16 +286,14 @@ def render_readme(sub: dict, config: dict, reports: list[dict]) -> str:
         "",
         "## Compliance (from each run's report)",
         "",
-        "| rule | ok | detail |",
+        "| rule | status | detail |",
         "|---|---|---|",
     ]
+    totals = [r["bytes_total"] for r in sub["seed_results"].values()]
+    verdicts = compliance_verdicts(reports, totals)
     for key, ok in sub["compliance"].items():
-        detail = next(
-            ((rep.get("compliance", {}).get(key) or {}).get("detail", "") for rep in reports), ""
-        )
-        unproven = key in TIME_KEYS and not ok and "does not prove" in detail
-        shown = "unproven" if unproven else ("yes" if ok else "**no**")
-        lines.append(f"| {key} | {shown} | {detail} |")
+        status, detail = verdicts.get(key, (PASS if ok else FAIL, ""))
+        lines.append(f"| {key} | {status if status != FAIL else '**fail**'} | {detail} |")
     lines += [
         "",
         "Timings measured on other hardware than 8×H100 do not prove the time budgets;",
@@ -268,7 +322,6 @@ def export_submission(
     runs = [Path(r) for r in runs]
     cfg, _ = load_run(runs[0])
     load_seed_runs(runs)  # same config, distinct seeds: checked before anything is written
-    git_name, git_email = git_identity()
     script = bundle_script(cfg.to_dict())
     if compress:
         script = compress_script(script)
@@ -276,13 +329,13 @@ def export_submission(
     sub = build_submission(
         runs,
         script_bytes,
-        author=author or git_name or "unknown",
-        github_id=github_id or git_email or "unknown",
+        author=author or git_user_name() or "unknown",
+        github_id=github_id or "",
         name=name or f"pgolf {cfg.preset}",
         blurb=blurb or "",
     )
     reports = [load_run(r)[1] for r in runs]
-    out.mkdir(parents=True, exist_ok=True)
+    writable_dir(out, "--out")
     written = []
 
     def write(file: str, text: str) -> None:
@@ -292,7 +345,7 @@ def export_submission(
     write("train_gpt.py", script)
     write("submission.json", json.dumps(sub, indent=2) + "\n")
     write("README.md", render_readme(sub, cfg.to_dict(), reports))
-    write("requirements.txt", "\n".join(third_party_requirements()) + "\n")
+    write("requirements.txt", "\n".join(third_party_requirements(cfg.to_dict())) + "\n")
     for run, seed in zip(runs, sub["seeds"], strict=True):
         log = run / "train.log"
         if log.is_file():

@@ -13,7 +13,9 @@ from torch import Tensor, nn
 
 from pgolf.errors import PgolfError
 from pgolf.model.config import ModelConfig
+from pgolf.model.decode import LayerCache
 from pgolf.model.layers import CastedLinear, Rotary, apply_rotary, rms_norm
+from pgolf.model.precision import precision_on
 from pgolf.model.roles import with_role
 
 # VRL's (λ_layer0, λ_own) at init (P639): almost the layer's own values, a trace of layer 0's.
@@ -40,6 +42,23 @@ def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
     return y.reshape(b, h, t, hd)
 
 
+def _causal_attention(q: Tensor, k: Tensor, v: Tensor, *, gqa: bool) -> Tensor:
+    """SDPA where the queries are the last q.size(-2) of the k.size(-2) positions.
+
+    enable_gqa (torch >= 2.5) lets each group of query heads share a kv head without
+    materialising repeated k/v; default scale is 1/sqrt(hd). SDPA's own causal mask is aligned
+    top-left, right only when queries and keys are the same positions.
+    """
+    tq, tk = q.size(-2), k.size(-2)
+    if tq == tk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    # A single new query may see every cached key; a chunk needs the causal mask shifted right.
+    mask = None
+    if tq > 1:
+        mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
 class CausalSelfAttention(nn.Module):
     """GQA attention; `forward` returns (output, the values before any VRL blend)."""
 
@@ -60,7 +79,12 @@ class CausalSelfAttention(nn.Module):
         rope_dims = cfg.rope_dims or self.head_dim
         if rope_dims % 2 or not 0 < rope_dims <= self.head_dim:
             raise PgolfError(f"model.rope_dims={cfg.rope_dims}: must be even and ≤ the head dim")
-        self.rotary = Rotary(rope_dims, cfg.rope_base, cfg.rope_train_seq_len)
+        self.rotary = Rotary(
+            rope_dims,
+            cfg.rope_base,
+            cfg.rope_train_seq_len,
+            bf16=precision_on(cfg.rope_bf16, "rope_bf16"),
+        )
         self.use_xsa = xsa
         self.vrl_lambda = _scalar(torch.tensor(VRL_INIT)) if value_residual else None
         self.gate_window = cfg.attn_out_gate_window
@@ -72,8 +96,13 @@ class CausalSelfAttention(nn.Module):
             self.gate_w = _scalar(torch.zeros(cfg.num_heads, self.gate_window))
 
     def forward(
-        self, x: Tensor, ve: Tensor | None = None, v0: Tensor | None = None
+        self,
+        x: Tensor,
+        ve: Tensor | None = None,
+        v0: Tensor | None = None,
+        cache: LayerCache | None = None,
     ) -> tuple[Tensor, Tensor]:
+        """With a cache, x holds only the positions after the cached ones (`pgolf.model.decode`)."""
         b, t, d = x.shape
         q = self.c_q(x).reshape(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.c_k(x).reshape(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -87,14 +116,14 @@ class CausalSelfAttention(nn.Module):
             lam = self.vrl_lambda.to(v.dtype)
             v = lam[0] * v0 + lam[1] * v
         q, k = rms_norm(q), rms_norm(k)
-        cos, sin = self.rotary(t, q.dtype)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is None:
+            cos, sin = self.rotary(t, q.dtype)
+            k, v_all = apply_rotary(k, cos, sin), v
+        else:
+            cos, sin, k, v_all = cache.extend(k, v, self.rotary)
+        q = apply_rotary(q, cos, sin)
         q = q * self.q_gain.to(q.dtype)[None, :, None, None]
-        # enable_gqa (torch >= 2.5) lets each group of query heads share a kv head without
-        # materialising repeated k/v; default scale is 1/sqrt(hd).
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads
-        )
+        y = _causal_attention(q, k, v_all, gqa=self.num_kv_heads != self.num_heads)
         if self.use_xsa:
             # Against the values actually attended over (VRL-blended when on), as P639 does.
             y = exclude_self_value(y, v)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from pgolf.model.attention import CausalSelfAttention
 from pgolf.model.config import ModelConfig
+from pgolf.model.decode import LayerCache
 from pgolf.model.layers import rms_norm
 from pgolf.model.mlp import MLP
 from pgolf.model.roles import with_role
@@ -52,12 +53,17 @@ class Block(nn.Module):
         return n * self.ln_scale if self.ln_scale != 1.0 else n
 
     def forward(
-        self, x: Tensor, x0: Tensor, ve: Tensor | None = None, v0: Tensor | None = None
+        self,
+        x: Tensor,
+        x0: Tensor,
+        ve: Tensor | None = None,
+        v0: Tensor | None = None,
+        cache: LayerCache | None = None,
     ) -> tuple[Tensor, Tensor]:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         n = self._norm(x)
-        attn_out, values = self.attn(n, ve, v0)
+        attn_out, values = self.attn(n, ve, v0, cache)
         if self.parallel:
             mlp_out = self.mlp(n)
             x = x + self.attn_scale.to(x.dtype) * attn_out

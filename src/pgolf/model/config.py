@@ -86,3 +86,18 @@ class ModelConfig:
     # Optimizer role of the bigram/VE projections: "matrix" → Muon (S414 and its non-banked
     # edits) or "scalar" → scalar Adam (banked S549, S1019, S1060; SPEC §5.8, §5.11, §5.18).
     aux_proj_role: str = "matrix"
+    # The banked scripts (S549, S1019, S1060, P1351) create the block matrices as empty banks (no
+    # draw) and orthogonalise them before the bigram/VE projections; on, the same seed gives
+    # their initial weights (off: the non-banked order of S414 and the baseline).
+    banked_init: bool = False
+
+    # -- precision upstream had on CUDA (SPEC §4.3): "off" | "on" | "cuda" (on when pgolf.dist
+    # runs on CUDA; the default, so the default model is the baseline's on a GPU as well) --
+    # Every script casts its model with `.bfloat16()` and restores only CastedLinear weights,
+    # banks and low-dim/control tensors to fp32: the embedding tables (tok_emb, bigram.embed,
+    # ve_shared.embed) are trained, averaged and exported in bf16.
+    bf16_tables: str = "cuda"
+    # The same cast makes RoPE's inv_freq bf16, so the un-rescaled tables (positions included:
+    # above 256 they round to even numbers, above 1024 to multiples of 8) are built in bf16;
+    # NTK-rescaled tables are rebuilt in fp32 (the sp1024 stacks at 2048 > T0 = 1024).
+    rope_bf16: str = "cuda"

@@ -3,7 +3,8 @@
 With ModelConfig's defaults this is the baseline parameter for parameter and bit for bit:
 parameter names match the official `train_gpt.py` (`tok_emb.weight`, `blocks.3.attn.c_q.weight`,
 `skip_weights`, ...), so state dicts move between the two unchanged, and the construction order
-matches, so the same seed gives the same initial weights. Technique parameters take the names the
+matches, so the same seed gives the same initial weights (for the banked scripts, S549 onward,
+with `banked_init`). Technique parameters take the names the
 record scripts use (`bigram.embed.weight`, `smear.gate`, `ve_shared.proj.weight`, ...). Every
 parameter carries a role (`pgolf.model.roles`) that optimizers and quantizers dispatch on.
 
@@ -21,10 +22,12 @@ from torch import Tensor, nn
 from pgolf.config import ModelConfig
 from pgolf.errors import PgolfError
 from pgolf.model.blocks import Block
+from pgolf.model.decode import DecodeCache, LayerCache
 from pgolf.model.embeddings import BigramHashEmbedding, ValueEmbedding, build_smear_gate
 from pgolf.model.init import orthogonal_init
 from pgolf.model.layers import CastedLinear, rms_norm
 from pgolf.model.layout import resolve_layout
+from pgolf.model.precision import precision_on
 from pgolf.model.roles import with_role
 
 
@@ -55,17 +58,20 @@ class GPT(nn.Module):
         self.skip_gates = None
         if cfg.skip_gates:
             self.skip_gates = _scalar(torch.zeros(self.num_skip_weights, cfg.model_dim))
-        self.blocks = nn.ModuleList(
-            Block(
-                cfg,
-                i,
-                xsa=i in layout.xsa,
-                # Layer 0 is VRL's source, so it has nothing to blend (P639).
-                value_residual=cfg.value_residual and i > 0,
-                parallel=i in layout.parallel,
+        # Banked scripts create the block matrices empty: forking the RNG around the blocks
+        # undoes their linears' construction draws, so later draws line up with theirs.
+        with torch.random.fork_rng(devices=[], enabled=cfg.banked_init):
+            self.blocks = nn.ModuleList(
+                Block(
+                    cfg,
+                    i,
+                    xsa=i in layout.xsa,
+                    # Layer 0 is VRL's source, so it has nothing to blend (P639).
+                    value_residual=cfg.value_residual and i > 0,
+                    parallel=i in layout.parallel,
+                )
+                for i in range(cfg.num_layers)
             )
-            for i in range(cfg.num_layers)
-        )
         self.ve_shared = ValueEmbedding(cfg) if layout.ve else None
         self.ve_layer_scales = nn.ParameterList(_scalar(torch.ones(1)) for _ in layout.ve)
         self._ve_slot = {layer: slot for slot, layer in enumerate(layout.ve)}
@@ -79,11 +85,25 @@ class GPT(nn.Module):
         if cfg.orthogonal_init:
             tables = [m for m in (self.bigram, self.ve_shared) if m is not None]
             aux = [m.proj for m in tables if m.proj is not None]
-            orthogonal_init(self, cfg.num_layers, aux, scale_aux=cfg.aux_proj_scaled_init)
+            order = list(self.modules())
+            if cfg.banked_init:
+                # The banks (Q, K, V, MLP-up of layer 0, then 1, ...) first, then the rest.
+                in_blocks = {id(m) for m in self.blocks.modules()}
+                order = list(self.blocks.modules()) + [m for m in order if id(m) not in in_blocks]
+            orthogonal_init(order, cfg.num_layers, aux, scale_aux=cfg.aux_proj_scaled_init)
+        if precision_on(cfg.bf16_tables, "bf16_tables"):
+            # Rounded after the fp32 init, as the scripts' `.bfloat16()` cast rounds theirs.
+            for table in self.embedding_tables():
+                table.data = table.data.bfloat16()
         # A fresh model runs its full (looped) layout: evaluation and export rebuild the model
         # and must see the architecture training ended with. A trainer that delays looping
         # turns it off before the first step (see `set_recurrence`).
         self.recurrence_active = layout.has_recurrence
+
+    def embedding_tables(self) -> list[nn.Parameter]:
+        """tok_emb and the bigram/VE tables: what upstream's `.bfloat16()` leaves in bf16."""
+        aux = [m.embed.weight for m in (self.bigram, self.ve_shared) if m is not None]
+        return [self.tok_emb.weight, *aux]
 
     def set_recurrence(self, active: bool) -> None:
         """Run the looped layer order (True) or each physical layer once (False).
@@ -104,28 +124,52 @@ class GPT(nn.Module):
         # σ(g)·x + (1 − σ(g))·(w ⊙ skip), a learned per-channel lerp (SPEC §5.3).
         return torch.lerp(scaled, x, torch.sigmoid(self.skip_gates[i].to(x.dtype)))
 
-    def forward(self, input_ids: Tensor) -> Tensor:
-        """Soft-capped logits, float32, [B, T, V]."""
+    def _order(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return self.layout.looped if self.recurrence_active else self.layout.plain
+
+    def new_cache(self) -> DecodeCache:
+        """An empty KV cache for `forward(new_ids, cache)` in the layer order now active."""
+        encoder, decoder = self._order()
+        return DecodeCache(len(encoder) + len(decoder), self.recurrence_active)
+
+    def _embed(self, input_ids: Tensor) -> Tensor:
+        """x0: token (+ BigramHash) embedding → RMSNorm (→ SmearGate)."""
         x = self.tok_emb(input_ids)
         if self.bigram is not None:
             x = x + self.bigram(input_ids)
         x = rms_norm(x)
         if self.smear is not None:
             x = self.smear(x, input_ids)
-        x0 = x
+        return x
+
+    def forward(self, input_ids: Tensor, cache: DecodeCache | None = None) -> Tensor:
+        """Soft-capped logits, float32, [B, T, V].
+
+        With a cache (`new_cache`), input_ids are the T tokens that follow those already cached,
+        the cache takes them in, and the logits are those of a full forward's last T positions.
+        """
+        encoder, decoder = self._order()
+        calls: list[LayerCache | None] = [None] * (len(encoder) + len(decoder))
+        window = input_ids
+        if cache is not None:
+            if cache.looped != self.recurrence_active:
+                raise PgolfError("decode cache was made for the other depth-recurrence mode")
+            calls = list(cache.layers)
+            window = cache.embed_window(input_ids)
+        # Without a cache the window is input_ids and the slice keeps everything.
+        x = x0 = self._embed(window)[:, -input_ids.size(1) :]
         ve = self.ve_shared(input_ids) if self.ve_shared is not None else None
-        encoder, decoder = self.layout.looped if self.recurrence_active else self.layout.plain
         v0: Tensor | None = None
         skips: list[Tensor] = []
-        for i in encoder:
-            x, v0 = self._run_block(i, x, x0, ve, v0)
+        for k, i in enumerate(encoder):
+            x, v0 = self._run_block(i, x, x0, ve, v0, calls[k])
             skips.append(x)
         for j, i in enumerate(decoder):
             # The stack pairs the last encoder output with the first decoder block, like a U-Net;
             # decoder blocks beyond the number of skips (or of pushed outputs) get none.
             if j < self.num_skip_weights and skips:
                 x = self._merge_skip(j, x, skips.pop())
-            x, v0 = self._run_block(i, x, x0, ve, v0)
+            x, v0 = self._run_block(i, x, x0, ve, v0, calls[len(encoder) + j])
         x = rms_norm(x)
         if self.lm_head is None:
             z = F.linear(x, self.tok_emb.weight.to(x.dtype))
@@ -137,14 +181,20 @@ class GPT(nn.Module):
         return z.float()
 
     def _run_block(
-        self, i: int, x: Tensor, x0: Tensor, ve: Tensor | None, v0: Tensor | None
+        self,
+        i: int,
+        x: Tensor,
+        x0: Tensor,
+        ve: Tensor | None,
+        v0: Tensor | None,
+        cache: LayerCache | None,
     ) -> tuple[Tensor, Tensor | None]:
         """Run physical block i; returns the stream and VRL's layer-0 values (set on first use)."""
         slot = self._ve_slot.get(i)
         layer_ve = (
             None if ve is None or slot is None else ve * self.ve_layer_scales[slot].to(ve.dtype)
         )
-        x, values = self.blocks[i](x, x0, layer_ve, v0)
+        x, values = self.blocks[i](x, x0, layer_ve, v0, cache)
         if v0 is None and self.cfg.value_residual:
             v0 = values
         return x, v0

@@ -12,6 +12,7 @@ like every other non-zero-init linear, instead of the dead zero/zero pair.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -23,12 +24,17 @@ MIN_ORTHO_DIM = 64
 
 @torch.no_grad()
 def orthogonal_init(
-    model: nn.Module, num_layers: int, aux_projections: list[nn.Module], *, scale_aux: bool
+    modules: Iterable[nn.Module],
+    num_layers: int,
+    aux_projections: list[nn.Module],
+    *,
+    scale_aux: bool,
 ) -> None:
-    """Re-initialise `model`'s linears in module order; `aux_projections` are bigram/VE proj."""
+    """Re-initialise the linears among `modules`, in that order (each draw follows the last);
+    `aux_projections` are the bigram/VE projections."""
     aux = {id(m) for m in aux_projections}
     aux_scale = 1.0 / math.sqrt(2 * num_layers)
-    for module in model.modules():
+    for module in modules:
         if not isinstance(module, CastedLinear) or module.zero_init:
             continue
         rows, cols = module.weight.shape

@@ -62,19 +62,24 @@ class Rotary(nn.Module):
     position signal). With `nominal_len` > 0, lengths above it use the NTK base; the sp1024
     stacks hard-wire 1024 while training at 2048, so their rescale is always on (SPEC §5.9).
 
-    `inv_freq` is a non-persistent buffer, like upstream's: it follows `.to(device)` and is not
-    saved. It also follows `.bfloat16()`; the official script casts the whole model that way, so
-    its tables (positions included) are computed in bf16, where positions above 256 round to even
-    numbers. Reproducing that is the trainer's choice, not this module's.
+    `inv_freq` is a non-persistent fp32 buffer, like upstream's before its cast: it follows
+    `.to(device)` and is not saved. Every official script casts its whole model with
+    `.bfloat16()`, buffer included, so its un-rescaled tables are computed in bf16 (inv_freq
+    rounded, positions above 256 rounded to even numbers, above 512 to multiples of 4, ...),
+    while rescaled ones are rebuilt from fp32 each time. `bf16=True` reproduces exactly that.
     """
 
-    def __init__(self, dims: int, base: float, nominal_len: int = 0):
+    def __init__(self, dims: int, base: float, nominal_len: int = 0, *, bf16: bool = False):
         super().__init__()
         self.dims = dims
         self.base = base
         self.nominal_len = nominal_len
+        self.bf16 = bf16
         self.register_buffer("inv_freq", self._inv_freq(base), persistent=False)
-        self._cached_key: tuple[int, torch.device, torch.dtype] | None = None
+        # Tables for the longest length built so far with one base: a shorter length with the
+        # same base (any length at or below nominal) is a prefix of them, so incremental
+        # decoding, which asks for one more position each step, does not rebuild them.
+        self._cached_key: tuple[float, torch.device, torch.dtype] | None = None
         self._cos: Tensor | None = None
         self._sin: Tensor | None = None
 
@@ -82,20 +87,26 @@ class Rotary(nn.Module):
         exponents = torch.arange(0, self.dims, 2, dtype=torch.float32, device=device) / self.dims
         return 1.0 / (base**exponents)
 
+    def base_at(self, seq_len: int) -> float:
+        """The rotary base a forward over `seq_len` positions uses (NTK-rescaled above nominal)."""
+        return ntk_base(self.base, seq_len, self.nominal_len, self.dims)
+
     def forward(self, seq_len: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """(cos, sin), each [1, 1, seq_len, dims // 2], in `dtype`."""
         inv_freq = self.inv_freq
-        key = (seq_len, inv_freq.device, inv_freq.dtype)
-        if self._cached_key != key or self._cos is None or self._sin is None:
-            base = ntk_base(self.base, seq_len, self.nominal_len, self.dims)
+        base = self.base_at(seq_len)
+        key = (base, inv_freq.device, inv_freq.dtype)
+        if self._cached_key != key or self._cos is None or self._cos.size(-2) < seq_len:
             if base != self.base:
-                inv_freq = self._inv_freq(base, inv_freq.device).to(inv_freq.dtype)
+                inv_freq = self._inv_freq(base, inv_freq.device)
+            elif self.bf16:
+                inv_freq = inv_freq.bfloat16()
             positions = torch.arange(seq_len, device=inv_freq.device, dtype=inv_freq.dtype)
             angles = torch.outer(positions, inv_freq)
             self._cos = angles.cos()[None, None]
             self._sin = angles.sin()[None, None]
             self._cached_key = key
-        return self._cos.to(dtype), self._sin.to(dtype)
+        return self._cos[..., :seq_len, :].to(dtype), self._sin[..., :seq_len, :].to(dtype)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

@@ -19,6 +19,7 @@ from typing import Any
 
 from pgolf.audit.stats import mean_std, welch_t_test
 from pgolf.errors import PgolfError
+from pgolf.fileio import writable_dir
 
 BASELINE = "baseline"
 ALL = "all"
@@ -83,7 +84,7 @@ def run_ablation(
         resolve_config(preset, [*common, *assignments])
     if base_seed is None:
         base_seed = resolve_config(preset, list(common)).train.seed
-    out_dir.mkdir(parents=True, exist_ok=True)
+    writable_dir(out_dir, "--out")
     rows = []
     for name, assignments in plan:
         for i in range(seeds):

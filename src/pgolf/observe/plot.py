@@ -6,6 +6,7 @@ SSH, in CI and on the training box. matplotlib is imported only here, so trainin
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +14,16 @@ from pgolf.errors import PgolfError
 from pgolf.observe.runs import RunRecords, artifact_bytes_per_class, load_run
 
 PANELS = (
-    "loss vs step (validation dashed)",
+    "loss vs step",
     "train loss vs training time",
     "val_bpb per eval mode",
     "quant gap",
     "artifact bytes per class",
+    "grad norm before clipping",
 )
+# One colour per quantization class in every plot: tab20's dark/light pairs, the dark one for
+# integer storage, the light one for float copies; classes not listed get a pair by name.
+CLASS_PAIRS = {"embed": 0, "attn": 1, "mlp": 2, "head": 3, "matrix": 4, "table": 5, "scalar": 6}
 
 
 def _pyplot():
@@ -56,13 +61,17 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, title: str | None = N
     color = {r.path: colors[i % len(colors)] for i, r in enumerate(runs)}
     fig, grid = plt.subplots(2, 3, figsize=(17, 9.5))
     axes = grid.ravel()
-    fig.delaxes(axes[5])
-    axes = axes[:5]
     for ax, panel in zip(axes, PANELS, strict=True):
         ax.set_title(panel, fontsize=11)
         ax.grid(alpha=0.3)
+    # The validation curve exists only when the runs set train.val_loss_every (off by default).
+    has_val = any(run.val_curve for run in runs)
+    axes[0].set_title(
+        PANELS[0] + (" (validation dashed)" if has_val else ": train only (no val_loss_every)"),
+        fontsize=11,
+    )
 
-    summary: dict[str, Any] = {"runs": [], "out": str(out), "axes": len(axes)}
+    summary: dict[str, Any] = {"runs": [], "out": str(out), "axes": len(axes), "titles": []}
     for run in runs:
         steps = [r["step"] for r in run.steps]
         loss = [r["train_loss"] for r in run.steps]
@@ -72,6 +81,9 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, title: str | None = N
         axes[0].plot(steps, loss, **style)
         if run.steps and "train_time_ms" in run.steps[0]:
             axes[1].plot([r["train_time_ms"] / 1000 for r in run.steps], loss, **style)
+        norms = [(r["step"], r["grad_norm"]) for r in run.steps if r.get("grad_norm") is not None]
+        if norms:
+            axes[5].plot(*zip(*norms, strict=True), **style)
         if run.val_curve:
             # Same units (nats/token) as the training loss; dashed with markers to tell them apart.
             val_style = {"color": color[run.path], "ls": "--", "marker": "s", "ms": 4, "lw": 1.0}
@@ -90,6 +102,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, title: str | None = N
     for ax, xlabel, ylabel in (
         (axes[0], "step", "loss (nats/token)"),
         (axes[1], "training time (s)", "train loss (nats/token)"),
+        (axes[5], "step", "global grad norm"),
     ):
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
@@ -97,6 +110,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, title: str | None = N
     _bpb_panel(axes[2], runs, color)
     _gap_panel(axes[3], runs, color)
     summary["bytes_source"] = _bytes_panel(axes[4], runs)
+    summary["titles"] = [ax.get_title() for ax in axes]
     fig.suptitle(title or "pgolf runs: " + ", ".join(r.name for r in runs), fontsize=13)
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -149,6 +163,16 @@ def _gap_panel(ax, runs: list[RunRecords], color: dict) -> None:
     ax.tick_params(axis="x", labelrotation=15, labelsize=8)
 
 
+def class_color(label: str) -> tuple[float, ...]:
+    """The colour of a bytes-per-class label ("mlp (int8)", "scalar (float)", "attn", ...)."""
+    import matplotlib
+
+    base, _, storage = label.partition(" ")
+    pair = CLASS_PAIRS.get(base, 7 + zlib.crc32(base.encode()) % 3)
+    light = any(word in storage for word in ("fp16", "float", "raw"))
+    return matplotlib.colormaps["tab20"](2 * pair + light)
+
+
 def _bytes_panel(ax, runs: list[RunRecords]) -> dict[str, str | None]:
     # By position, not name: two runs may share a directory name (e.g. seed dirs in two sweeps).
     split = [artifact_bytes_per_class(run) for run in runs]
@@ -159,12 +183,9 @@ def _bytes_panel(ax, runs: list[RunRecords]) -> dict[str, str | None]:
         return sources
     names = [run.name for run in runs]
     left = [0.0] * len(names)
-    import matplotlib
-
-    cmap = matplotlib.colormaps["tab20"]
-    for k, cls in enumerate(classes):
+    for cls in classes:
         widths = [s[0].get(cls, 0.0) if s else 0.0 for s in split]
-        ax.barh(range(len(names)), widths, left=left, label=cls, color=cmap(k % 20))
+        ax.barh(range(len(names)), widths, left=left, label=cls, color=class_color(cls))
         left = [a + b for a, b in zip(left, widths, strict=True)]
     for y, total in enumerate(left):
         ax.text(total, y, f" {total / 1e6:.3f} MB", va="center", fontsize=8)
@@ -172,16 +193,18 @@ def _bytes_panel(ax, runs: list[RunRecords]) -> dict[str, str | None]:
     ax.xaxis.set_major_formatter(lambda x, _: f"{x / 1e6:g}")
     ax.set_xlabel("MB (decimal: 16 MB cap = 16,000,000 bytes)")
     if any(s == "int8 artifact header" for s in sources.values()):
-        ax.text(
-            0.0,
-            -0.2,
-            "int8 + zlib: the file's bytes split in proportion to each group's raw bytes",
-            transform=ax.transAxes,
-            fontsize=8,
-            color="dimgray",
+        ax.set_xlabel(
+            ax.get_xlabel() + "\nint8 + zlib: the file's bytes split by each group's raw bytes"
         )
-    # The sixth grid cell is empty: the class legend goes there, clear of the bars.
-    ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.03, 1.0), title="class (storage)")
+    # Below the bars, clear of them and of the grad-norm panel to the right.
+    ax.legend(
+        fontsize=8,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.22),
+        ncol=3,
+        title="class (storage)",
+        title_fontsize=8,
+    )
     ax.set_yticks(range(len(names)), names)
     ax.invert_yaxis()  # first run on top, as in the other panels' legends
     return sources

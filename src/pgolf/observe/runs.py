@@ -119,17 +119,14 @@ def _int8_group(name: str, scheme: str, role: str | None) -> str:
 
 
 def _roles(run_dir: Path) -> dict[str, str]:
-    """Parameter name → role, from a meta-device model of the run's config (no weights read)."""
+    """Parameter name → role, from a shapes-only model of the run's config (no weights read)."""
     try:
-        import torch
-
         from pgolf.config import config_from_dict
-        from pgolf.model.gpt import GPT
         from pgolf.model.roles import role_of
+        from pgolf.model.shapes import shapes_only_model
 
         cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()))
-        with torch.device("meta"):
-            model = GPT(cfg.model)
+        model = shapes_only_model(cfg.model)
         return {n: role_of(p) for n, p in model.named_parameters()}
     except (OSError, ValueError, KeyError, PgolfError):
         return {}  # no usable config: group by name alone (quant_class falls back on names)

@@ -12,6 +12,7 @@ training data counts as training time. So:
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -85,7 +86,7 @@ def windowed_step(model: nn.Module, context: int = 0) -> StepFn:
 
     Model-agnostic, so it works for any architecture; with a fixed context the cost per token is
     constant and generation is linear in length. With context 0 it is S1019's exact full
-    re-forward, quadratic in length. A model with a KV cache can pass its own step function.
+    re-forward, quadratic in length.
     """
 
     def step(ids: Tensor) -> Tensor:
@@ -93,6 +94,32 @@ def windowed_step(model: nn.Module, context: int = 0) -> StepFn:
         return model(window)[:, -1, :].float()
 
     return step
+
+
+def cached_step(model: nn.Module) -> StepFn:
+    """Next-token logits from a fresh KV cache (`GPT.new_cache`), fed only the unseen tokens.
+
+    The same logits as the full re-forward up to float rounding (tested to 1e-5 in fp32), at the
+    cost of one position per step. One cache per batch of sequences: make a new step for each.
+    """
+    cache = model.new_cache()
+
+    def step(ids: Tensor) -> Tensor:
+        return model(ids[:, cache.length :], cache)[:, -1, :].float()
+
+    return step
+
+
+@contextlib.contextmanager
+def upstream_precision(device: torch.device):
+    """bf16 autocast with TF32 matmuls allowed, as S1019 generates (its main() sets TF32)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 @torch.no_grad()
@@ -106,28 +133,43 @@ def self_generated(
     seed: int = 1337,
     batch_size: int = 8,
     context: int = 0,
-    step_fn: StepFn | None = None,
+    kv_cache: bool = True,
     device: torch.device | str = "cpu",
+    bf16: bool | None = None,
 ) -> Iterator[Tensor]:
     """Batches of `count` sequences × `length` tokens sampled from the model (SPEC §5.23).
 
     First token uniform over the vocabulary, then softmax(logits / temperature), all draws from
-    one seeded generator, so the same model and seed give the same tokens.
+    one seeded generator in S1019's order, so the same model and seed give the same tokens.
+    `bf16` (default: on CUDA) samples as S1019 did: under bf16 autocast with TF32, the
+    temperature dividing the bf16 logits in bf16 and autocast choosing the softmax's dtype (fp32
+    on CUDA). With `kv_cache` and context 0 a model that has one (`new_cache`) decodes
+    incrementally instead of S1019's full re-forward per token: the same tokens in fp32; in
+    bf16 the two round differently, so a near-tie may now and then sample another token.
     """
     if temperature <= 0:
         raise PgolfError(f"self-generated calibration: temperature must be > 0, got {temperature}")
+    device = torch.device(device)
+    bf16 = device.type == "cuda" if bf16 is None else bf16
     was_training = model.training
     model.eval()
-    step = step_fn or windowed_step(model, context)
+    incremental = kv_cache and context <= 0 and hasattr(model, "new_cache")
     gen = torch.Generator(device=device).manual_seed(seed)
     try:
         for start in range(0, count, batch_size):
             b = min(batch_size, count - start)
+            step = cached_step(model) if incremental else windowed_step(model, context)
             ids = torch.randint(0, vocab_size, (b, 1), generator=gen, device=device)
-            for _ in range(length - 1):
-                probs = torch.softmax(step(ids) / temperature, dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=gen)
-                ids = torch.cat([ids, nxt], dim=1)
+            # Only the sampling runs in this precision: the caller's Hessian forwards do not.
+            with upstream_precision(device) if bf16 else contextlib.nullcontext():
+                for _ in range(length - 1):
+                    logits = step(ids)
+                    if bf16:
+                        # pgolf's logits are fp32 copies of bf16 values: the cast back is exact.
+                        logits = logits.bfloat16()
+                    probs = torch.softmax(logits / temperature, dim=-1)
+                    nxt = torch.multinomial(probs, 1, generator=gen)
+                    ids = torch.cat([ids, nxt], dim=1)
             yield ids
     finally:
         model.train(was_training)

@@ -1,6 +1,7 @@
 """Per-row scales from a clip rule (SPEC §5.20, §5.22, §4.8).
 
-Every rule returns float16-rounded scales (as float32, see `grid`), s_r = c_r / qmax:
+Every rule returns float16-rounded scales (as float32, see `grid`), s_r = c_r / qmax, floored at
+1/qmax when `floor` is set (the records' rule, `grid.row_scale`):
 - `percentile`: c_r = the q-quantile of |w_r| (the baseline's 0.9999984);
 - `rowmax`: c_r = max |w_r| (no clipping);
 - `search`: S414's GPTQ-lite, five quantiles (0.999, 0.9995, 0.9999, 0.99999, 1.0) and keep the one
@@ -22,16 +23,16 @@ import torch
 from torch import Tensor
 
 from pgolf.artifact.int8 import row_quantile
-from pgolf.quant.grid import dequantize, quantize_rtn, to_fp16_scale
+from pgolf.quant.grid import dequantize, quantize_rtn, row_scale, to_fp16_scale
 
 SEARCH_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
 CLIP_METHODS = ("percentile", "rowmax", "search", "search-gptq", "sdclip", "hsdclip")
 
 
-def percentile_scales(w: Tensor, qmax: int, q: float) -> Tensor:
+def percentile_scales(w: Tensor, qmax: int, q: float, floor: bool = False) -> Tensor:
     a = w.float().abs()
     clip = a.amax(dim=1) if q >= 1.0 else row_quantile(a, q)
-    return to_fp16_scale(clip / qmax)
+    return to_fp16_scale(row_scale(clip, qmax, floor))
 
 
 def rtn_mse(w: Tensor, scale: Tensor, qmax: int) -> Tensor:
@@ -40,10 +41,14 @@ def rtn_mse(w: Tensor, scale: Tensor, qmax: int) -> Tensor:
 
 
 def search_scales(
-    w: Tensor, qmax: int, quantiles: Sequence[float] = SEARCH_QUANTILES, per_row: bool = False
+    w: Tensor,
+    qmax: int,
+    quantiles: Sequence[float] = SEARCH_QUANTILES,
+    per_row: bool = False,
+    floor: bool = False,
 ) -> tuple[Tensor, dict]:
     """GPTQ-lite: the candidate quantile with the lowest RTN MSE (per matrix or per row)."""
-    cands = [percentile_scales(w, qmax, q) for q in quantiles]
+    cands = [percentile_scales(w, qmax, q, floor) for q in quantiles]
     errs = torch.stack([rtn_mse(w, s, qmax) for s in cands])  # [candidates, rows]
     if per_row:
         best = errs.argmin(dim=0)
@@ -53,9 +58,9 @@ def search_scales(
     return cands[best], {"clip_quantile": quantiles[best]}
 
 
-def sdclip_scales(w: Tensor, qmax: int, sigmas: float) -> Tensor:
+def sdclip_scales(w: Tensor, qmax: int, sigmas: float, floor: bool = False) -> Tensor:
     # torch.std is the unbiased estimate; at ≥ 512 columns the n/(n-1) factor is < 0.2 %.
-    return to_fp16_scale(sigmas * w.float().std(dim=1) / qmax)
+    return to_fp16_scale(row_scale(sigmas * w.float().std(dim=1), qmax, floor))
 
 
 def row_importance(w: Tensor, h: Tensor) -> Tensor:
@@ -66,6 +71,9 @@ def row_importance(w: Tensor, h: Tensor) -> Tensor:
     return (energy / mean).float() if mean > 0 else torch.ones(w.shape[0])
 
 
-def hsdclip_scales(w: Tensor, h: Tensor, qmax: int, sigmas: float, lam: float) -> Tensor:
+def hsdclip_scales(
+    w: Tensor, h: Tensor, qmax: int, sigmas: float, lam: float, floor: bool = False
+) -> Tensor:
     widen = 1.0 + lam * (row_importance(w, h) - 1.0)
-    return to_fp16_scale(sigmas * w.float().std(dim=1) * widen.clamp(min=0.05) / qmax)
+    clip = sigmas * w.float().std(dim=1) * widen.clamp(min=0.05)
+    return to_fp16_scale(row_scale(clip, qmax, floor))

@@ -1,6 +1,8 @@
 """Fit the artifact under a byte target (SPEC §1.2, §5.24) and report where the bytes went.
 
 Order of knobs, cheapest first: (1) the codec — per-section `auto` picks the smallest, lossless;
+a configured codec that misses the target is replaced by `auto`, and the result says so under
+`codec_switched` (so does a section the configured codec cannot store, e.g. `rans` on float16);
 (2) pruning, lossy: zero the quantised entries whose loss costs least, as few as the target
 needs. Modes:
 - `pm1`: entries equal to ±1, cost s_row² · H_jj when a calibration Hessian exists (P639), else
@@ -94,6 +96,30 @@ def _savings(hist0: np.ndarray, base: float, tids: np.ndarray, vals: np.ndarray,
     return base - _estimate(hist)
 
 
+def codec_switch(packed: PackedArtifact, configured: str, why: str | None) -> dict | None:
+    """How the artifact departs from the configured codec, and why; None where it does not.
+
+    `why` is the fitter's reason when it replaced the codec; otherwise only sections the codec
+    does not apply to (packed by `auto` instead) count as a switch.
+    """
+    if configured == "auto":
+        return None
+    other = [s for s in packed.sections if s["codec"] != configured]
+    if why is None:
+        if not other:
+            return None
+        dtypes = ", ".join(sorted({s["dtype"] for s in other}))
+        why = f"{configured} cannot store {dtypes} sections; auto packed them"
+    return {
+        "from": configured,
+        "to": "auto",
+        "why": why,
+        "sections": [
+            {"dtype": s["dtype"], "codec": s["codec"], "tensors": len(s["names"])} for s in other
+        ],
+    }
+
+
 def fit_to_budget(
     qm: QuantizedModel,
     target_bytes: int,
@@ -109,12 +135,18 @@ def fit_to_budget(
     info: dict = {"target_bytes": int(target_bytes), "compressor": compressor, "pruned": None}
     packed = pack_sections(qm.arrays, qm.meta, codec=compressor)
     info["unpruned_bytes"] = len(packed.data)
+    info["codec_switched"] = codec_switch(packed, compressor, None)
     if len(packed.data) <= target_bytes:
         return packed, info
     if compressor != "auto":  # the lossless knob first
+        why = (
+            f"{compressor} packed {len(packed.data):,} bytes, over the {target_bytes:,}-byte "
+            "target; auto (the smallest codec per section, lossless) came before pruning"
+        )
         packed = pack_sections(qm.arrays, qm.meta, codec="auto")
         info["compressor"] = "auto"
         info["unpruned_bytes"] = len(packed.data)
+        info["codec_switched"] = codec_switch(packed, compressor, why)
         if len(packed.data) <= target_bytes:
             return packed, info
     if prune == "none":

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from pgolf.quant import clip as cliprules
-from pgolf.quant.grid import dequantize, qmax_for, quantize_rtn, to_fp16_scale
+from pgolf.quant.grid import dequantize, min_scale, qmax_for, quantize_rtn, to_fp16_scale
 
 ORDERS = ("desc", "natural", "asc")
 FEEDBACKS = ("cholesky", "raw")
@@ -57,6 +57,7 @@ class ClipRule:
     percentile: float = 0.9999984
     per_row: bool = False  # `search` only
     hsd_lambda: float = 0.175
+    floor: bool = False  # scales ≥ 1/qmax, the records' floor (grid.row_scale)
 
     def __post_init__(self):
         if self.method not in cliprules.CLIP_METHODS:
@@ -140,12 +141,14 @@ def hessian_error(w: Tensor, w_hat: Tensor, h: Tensor) -> float:
     return num / den if den > 0 else math.nan
 
 
-def refit_scales(w: Tensor, q: Tensor, scale: Tensor) -> tuple[Tensor, int]:
+def refit_scales(
+    w: Tensor, q: Tensor, scale: Tensor, qmax: int, floor: bool = False
+) -> tuple[Tensor, int]:
     """P610: s' = ⟨w_r, q_r⟩ / ⟨q_r, q_r⟩ per row, kept only where it lowers that row's MSE."""
     wf, qf = w.float(), q.float()
     qq = (qf * qf).sum(dim=1)
     ls = torch.where(qq > 0, (wf * qf).sum(dim=1) / qq.clamp(min=1), scale)
-    ls = to_fp16_scale(ls.clamp(min=0))
+    ls = to_fp16_scale(ls.clamp(min=min_scale(qmax, floor)))  # P610 floors it at 1/31 too
     old = (dequantize(q, scale) - wf).square().sum(dim=1)
     new = (dequantize(q, ls) - wf).square().sum(dim=1)
     better = new < old
@@ -153,19 +156,19 @@ def refit_scales(w: Tensor, q: Tensor, scale: Tensor) -> tuple[Tensor, int]:
 
 
 def initial_scales(w: Tensor, h: Tensor | None, qmax: int, rule: ClipRule) -> tuple[Tensor, dict]:
-    m = rule.method
+    m, floor = rule.method, rule.floor
     if m == "percentile":
-        return cliprules.percentile_scales(w, qmax, rule.percentile), {}
+        return cliprules.percentile_scales(w, qmax, rule.percentile, floor), {}
     if m == "rowmax":
-        return cliprules.percentile_scales(w, qmax, 1.0), {}
+        return cliprules.percentile_scales(w, qmax, 1.0, floor), {}
     if m == "search":
-        return cliprules.search_scales(w, qmax, per_row=rule.per_row)
+        return cliprules.search_scales(w, qmax, per_row=rule.per_row, floor=floor)
     if m == "sdclip":
-        return cliprules.sdclip_scales(w, qmax, rule.sigmas), {}
+        return cliprules.sdclip_scales(w, qmax, rule.sigmas, floor), {}
     if m == "hsdclip":
         if h is None:
             raise ValueError("hsdclip needs a calibration Hessian")
-        return cliprules.hsdclip_scales(w, h, qmax, rule.sigmas, rule.hsd_lambda), {}
+        return cliprules.hsdclip_scales(w, h, qmax, rule.sigmas, rule.hsd_lambda, floor), {}
     raise ValueError(f"clip {m!r} has no single-pass scale rule")
 
 
@@ -189,7 +192,7 @@ def quantize_matrix(
     if rule.method == "search-gptq":
         best = None
         for quant in cliprules.SEARCH_QUANTILES:
-            scale = cliprules.percentile_scales(w, qmax, quant)
+            scale = cliprules.percentile_scales(w, qmax, quant, rule.floor)
             if use_gptq:
                 q, sweep = gptq_sweep(w, h, scale, qmax, options)
             else:
@@ -207,7 +210,7 @@ def quantize_matrix(
             q = quantize_rtn(w, scale, qmax)
     stats.update(extra)
     if options is not None and options.refit_scales:
-        scale, stats["refit_rows"] = refit_scales(w, q, scale)
+        scale, stats["refit_rows"] = refit_scales(w, q, scale, qmax, rule.floor)
     w_hat = dequantize(q, scale)
     stats["mse"] = float((w_hat - w).square().mean())
     stats["rel_mse"] = stats["mse"] / max(float(w.square().mean()), 1e-30)

@@ -26,6 +26,22 @@ def qmax_for(bits: int) -> int:
     return (1 << (bits - 1)) - 1
 
 
+def min_scale(qmax: int, floor: bool = False) -> float:
+    """The smallest row scale: 1/qmax with the records' floor, else MIN_SCALE.
+
+    The 1/qmax floor is what every record from the baseline to S1060 (and the seeds) does, in the
+    exporter and in QAT alike: it binds on every row with c_r < 1, i.e. nearly all trained rows,
+    which then use the grid {k/qmax}, much coarser than their range (SPEC §4.8, §5.20). S1394+
+    floor at 1e-10 instead, i.e. not at all.
+    """
+    return 1.0 / qmax if floor else MIN_SCALE
+
+
+def row_scale(clip: Tensor, qmax: int, floor: bool = False) -> Tensor:
+    """s_r = c_r / qmax in float32, never below `min_scale(qmax, floor)`."""
+    return (clip.float() / qmax).clamp_min(min_scale(qmax, floor))
+
+
 def to_fp16_scale(scale: Tensor) -> Tensor:
     """Round positive per-row scales to float16 (floored so none becomes 0), as float32."""
     s = scale.float().clamp(min=MIN_SCALE, max=65504.0)

@@ -93,6 +93,7 @@ def clip_rule(cfg: ExportConfig, qclass: str) -> ClipRule:
             percentile=cfg.clip_percentile,
             per_row=cfg.clip_search_per_row,
             hsd_lambda=cfg.hsd_lambda,
+            floor=cfg.scale_floor,
         )
     except ValueError as e:
         raise PgolfError(f"export clip setting: {e}") from None

@@ -14,12 +14,14 @@ With both, the result is `(1 − swa_weight)·EMA + swa_weight·SWA` (P639: 0.5)
 whose SWA sum was collected and thrown away, SWA here is always used when switched on.
 
 The EMA window must fit the run. A decay d averages over about 1/(1 − d) steps; the records'
-0.997 (333 steps) is 1/21 of their ≈7,000-step runs, but over 400 steps it still gives the
-untrained initial weights 0.997⁴⁰⁰ ≈ 30 % of the average. So by default the decay is derived from
-a horizon relative to the expected run length: `d = 1 − 1/(frac · expected_steps)`, with the
-expected steps predicted like the warm-down (§4.5) from the average step time when a wall-clock cap
-binds. An absolute decay (EMA_DECAY) still wins when set, and draws a warning if its window is
-longer than `ema_max_window_frac` of the run.
+0.997 (333 steps) is about 1/21 of their ≈7,000-step runs, but over 400 steps it still gives the
+untrained initial weights 0.997⁴⁰⁰ ≈ 30 % of the average. So by default the window is the
+record's, scaled by the expected run length over the record's:
+`1 − d = (1 − ema_reference_decay) · ema_reference_steps / expected_steps`, which is exactly the
+record's decay at the record's step count (a preset carries its record's two numbers) and shrinks
+with shorter runs. The expected steps are predicted like the warm-down (§4.5) from the average
+step time when a wall-clock cap binds. An absolute decay (EMA_DECAY) still wins when set, and
+draws a warning if its window is longer than `ema_max_window_frac` of the run.
 """
 
 from __future__ import annotations
@@ -29,13 +31,23 @@ import warnings
 import torch
 from torch import nn
 
+from pgolf.errors import PgolfError
 from pgolf.train.config import TrainConfig
 
 
-def decay_for_horizon(horizon_frac: float, expected_steps: float) -> float:
-    """The decay whose window 1/(1 − d) is `horizon_frac` of `expected_steps` (at least 1 step)."""
-    window = max(horizon_frac * expected_steps, 1.0)
-    return 1.0 - 1.0 / window
+def decay_for_run(reference_decay: float, reference_steps: float, expected_steps: float) -> float:
+    """The reference decay with its window scaled from `reference_steps` to `expected_steps`.
+
+    Equal to `reference_decay`, bit for bit, when the two step counts are equal; the window
+    1/(1 − d) never drops below one step (d = 0: the average is the last weights).
+    """
+    if not 0.0 < reference_decay < 1.0 or reference_steps <= 0:
+        raise PgolfError(
+            f"train.ema_reference_decay={reference_decay} must be in (0, 1) and "
+            f"train.ema_reference_steps={reference_steps} > 0"
+        )
+    ratio = reference_steps / max(expected_steps, 1.0)
+    return 1.0 - min((1.0 - reference_decay) * ratio, 1.0)
 
 
 def expected_steps(
@@ -58,7 +70,7 @@ def ema_window_warning(decay: float, run_steps: float, max_share: float) -> str 
     return (
         f"EMA decay {decay} averages over ~{window:.0f} steps, more than {max_share:.0%} of this "
         f"{run_steps:.0f}-step run (the initial weights keep {init_share:.1%} of the average); "
-        "leave train.ema_decay at 0 to use the run-relative horizon train.ema_horizon_frac"
+        "leave train.ema_decay at 0 to scale the window with the run (train.ema_reference_*)"
     )
 
 
@@ -88,8 +100,9 @@ class WeightAverager:
         """The EMA decay applied after optimiser step number `step` (1-based)."""
         if self.cfg.ema_decay > 0:
             return self.cfg.ema_decay
-        n = expected_steps(step, elapsed_ms, self.cfg.iterations, max_wallclock_ms)
-        return decay_for_horizon(self.cfg.ema_horizon_frac, n)
+        c = self.cfg
+        n = expected_steps(step, elapsed_ms, c.iterations, max_wallclock_ms)
+        return decay_for_run(c.ema_reference_decay, c.ema_reference_steps, n)
 
     @torch.no_grad()
     def update(

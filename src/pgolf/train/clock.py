@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -20,8 +20,14 @@ def _sync(device: torch.device) -> None:
 
 
 class BudgetClock:
-    def __init__(self, device: torch.device, train_ms: float = 0.0):
+    def __init__(
+        self,
+        device: torch.device,
+        train_ms: float = 0.0,
+        now: Callable[[], float] = time.perf_counter,
+    ):
         self.device = device
+        self.now = now  # seconds; tests pass a fake clock
         self.train_ms = train_ms  # accumulated counted training time
         self.calib_ms = 0.0
         self.eval_ms = 0.0
@@ -29,14 +35,14 @@ class BudgetClock:
 
     def start(self) -> None:
         _sync(self.device)
-        self._running_since = time.perf_counter()
+        self._running_since = self.now()
 
     def elapsed_train_ms(self) -> float:
         """Counted training time so far, including the current running stretch."""
         if self._running_since is None:
             return self.train_ms
         _sync(self.device)
-        return self.train_ms + 1000.0 * (time.perf_counter() - self._running_since)
+        return self.train_ms + 1000.0 * (self.now() - self._running_since)
 
     def stop(self) -> float:
         self.train_ms = self.elapsed_train_ms()
@@ -59,10 +65,10 @@ class BudgetClock:
     def measure(self, bucket: str) -> Iterator[None]:
         """Charge the block's wall time to `calib` or `eval`."""
         _sync(self.device)
-        t0 = time.perf_counter()
+        t0 = self.now()
         try:
             yield
         finally:
             _sync(self.device)
-            ms = 1000.0 * (time.perf_counter() - t0)
+            ms = 1000.0 * (self.now() - t0)
             setattr(self, f"{bucket}_ms", getattr(self, f"{bucket}_ms") + ms)

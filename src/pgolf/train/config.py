@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 from pgolf.config_fields import env_field
 
-# EMA window as a share of the run: the records' EMA(0.997) spans 1/(1 − 0.997) ≈ 333 steps of a
-# ≈7,000-step run (SPEC §5.5); 1/21 reproduces exactly that decay at 7,000 steps.
-RECORD_EMA_HORIZON_FRAC = 1.0 / 21.0
+# The records' EMA (SPEC §5.5): decay 0.997, a window of 1/(1 − 0.997) ≈ 333 steps, in runs of
+# ≈7,000 steps. A preset replaces both numbers with its own record's.
+RECORD_EMA_DECAY = 0.997
+RECORD_EMA_STEPS = 7000.0
 
 
 @dataclass
@@ -57,7 +58,10 @@ class TrainConfig:
     # (1 − swa_weight)·EMA + swa_weight·SWA (P639's 50/50 blend).
     ema_enabled: bool = env_field("EMA_ENABLED", False)
     ema_decay: float = env_field("EMA_DECAY", 0.0)  # > 0 forces this absolute decay
-    ema_horizon_frac: float = RECORD_EMA_HORIZON_FRAC  # else window = frac · expected steps
+    # Else the reference decay, exact in a run of the reference length, its window scaled with
+    # the expected steps: 1 − d = (1 − ema_reference_decay) · ema_reference_steps / expected.
+    ema_reference_decay: float = RECORD_EMA_DECAY
+    ema_reference_steps: float = RECORD_EMA_STEPS
     ema_max_window_frac: float = 0.25  # warn when a fixed decay's window exceeds this share
     swa_enabled: bool = env_field("SWA_ENABLED", False)
     swa_every: int = env_field("SWA_EVERY", 50)
@@ -75,4 +79,7 @@ class TrainConfig:
     train_loader: str = env_field("TRAIN_LOADER", "sequential")
     loader_seed: int = env_field("LOADER_SEED", 0)  # 0 = the records' own seeding
     compile: bool = env_field("COMPILE", True)  # only takes effect on CUDA
-    checkpoint_every: int = 0  # steps between resumable checkpoints; 0 = end only
+    checkpoint_every: int = 0  # steps between resumable checkpoints; 0 = by time only
+    # Wall-clock seconds between resumable checkpoints (0 = off): a killed run loses at most this
+    # much. The save pauses the training clock, as validation does.
+    checkpoint_every_seconds: float = 300.0

@@ -16,7 +16,8 @@ Why this shape:
   `clip_percentile`-th percentile of |w| (100 = row max, S414; 99.95 = P578's "matched" clip) and
   values rounded into the exporter's symmetric range ±qmax (int6: ±31). Upstream's STE clamped to
   [−32, 31] while exporting ±31; matching the exporter is the point of QAT, so the range is the
-  exporter's.
+  exporter's. For the same reason the scale comes from the exporter's own rule,
+  `grid.row_scale`, including its optional 1/qmax floor (upstream's STE floors at 1/qmax).
 """
 
 from __future__ import annotations
@@ -27,10 +28,7 @@ from torch import Tensor, nn
 
 from pgolf.model.layers import CastedLinear
 from pgolf.model.roles import role_of
-
-# Rows that are exactly zero (zero-initialised projections) would get a zero scale; any positive
-# floor maps them to q = 0 again. Tiny, so it never binds on a live row (SDClip uses the same).
-SCALE_FLOOR = 1e-10
+from pgolf.quant.grid import row_scale
 
 
 def row_clip(w: Tensor, clip_percentile: float) -> Tensor:
@@ -41,19 +39,25 @@ def row_clip(w: Tensor, clip_percentile: float) -> Tensor:
     return torch.quantile(a, clip_percentile / 100.0, dim=1)
 
 
-def fake_quantize_rows(w: Tensor, bits: int, clip_percentile: float = 100.0) -> Tensor:
-    """Round each row of a 2-D weight to `bits`-bit symmetric levels and back (fp32, no grad)."""
+def fake_quantize_rows(
+    w: Tensor, bits: int, clip_percentile: float = 100.0, scale_floor: bool = False
+) -> Tensor:
+    """Round each row of a 2-D weight to `bits`-bit symmetric levels and back (fp32, no grad).
+
+    The scale stays float32 (upstream's STE does not round it to float16 either)."""
     qmax = 2 ** (bits - 1) - 1
     w32 = w.detach().float()
-    scale = (row_clip(w32, clip_percentile) / qmax).clamp_min(SCALE_FLOOR)[:, None]
+    scale = row_scale(row_clip(w32, clip_percentile), qmax, scale_floor)[:, None]
     return torch.clamp(torch.round(w32 / scale), -qmax, qmax) * scale
 
 
-def _qat_forward(module: CastedLinear, flag: Tensor, bits: int, clip_percentile: float):
+def _qat_forward(
+    module: CastedLinear, flag: Tensor, bits: int, clip_percentile: float, scale_floor: bool
+):
     def forward(x: Tensor) -> Tensor:
         w = module.weight
         if module.training:
-            q = fake_quantize_rows(w, bits, clip_percentile).to(w.dtype)
+            q = fake_quantize_rows(w, bits, clip_percentile, scale_floor).to(w.dtype)
             w = w + flag.to(w.dtype) * (q - w).detach()
         return F.linear(x, w.to(x.dtype), module.bias)
 
@@ -63,11 +67,18 @@ def _qat_forward(module: CastedLinear, flag: Tensor, bits: int, clip_percentile:
 class QAT:
     """One model's fake-quant switch: attached once, flipped in place, detached at the end."""
 
-    def __init__(self, model: nn.Module, bits: int = 6, clip_percentile: float = 100.0):
+    def __init__(
+        self,
+        model: nn.Module,
+        bits: int = 6,
+        clip_percentile: float = 100.0,
+        scale_floor: bool = False,
+    ):
         if not 2 <= bits <= 8:
             raise ValueError(f"QAT bits must be in 2..8, got {bits}")
         self.bits = bits
         self.clip_percentile = clip_percentile
+        self.scale_floor = scale_floor
         self.modules = [
             m
             for m in model.modules()
@@ -79,7 +90,7 @@ class QAT:
         for m in self.modules:
             # An instance attribute shadows the class's forward; nn.Module stores plain functions
             # in __dict__, outside parameters and buffers, so the state dict is unchanged.
-            m.forward = _qat_forward(m, self.flag, bits, clip_percentile)
+            m.forward = _qat_forward(m, self.flag, bits, clip_percentile, scale_floor)
 
     @property
     def active(self) -> bool:
@@ -97,5 +108,7 @@ class QAT:
         self.modules = []
 
 
-def attach_qat(model: nn.Module, bits: int = 6, clip_percentile: float = 100.0) -> QAT:
-    return QAT(model, bits, clip_percentile)
+def attach_qat(
+    model: nn.Module, bits: int = 6, clip_percentile: float = 100.0, scale_floor: bool = False
+) -> QAT:
+    return QAT(model, bits, clip_percentile, scale_floor)

@@ -13,16 +13,18 @@ the raw weights and the averages, so a resumed run continues bit-exactly.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import signal
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save as safetensors_bytes
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -31,10 +33,10 @@ from pgolf.data.dataset import DatasetFiles
 from pgolf.dist import World, all_reduce_max
 from pgolf.errors import PgolfError
 from pgolf.eval.score import autocast_context
-from pgolf.fileio import atomic_write
 from pgolf.model.gpt import GPT
 from pgolf.progress import progress_bar
 from pgolf.runlog import RunLog
+from pgolf.safetensors_io import save_safetensors
 from pgolf.train.averaging import WeightAverager, ema_window_warning
 from pgolf.train.checkpoint import load_checkpoint, save_checkpoint
 from pgolf.train.clock import BudgetClock
@@ -61,6 +63,10 @@ class _LossModule(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.model.loss(x, y)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C, taken at a step boundary after a checkpoint; the message says how to resume."""
 
 
 @dataclass
@@ -161,6 +167,8 @@ class Trainer:
         self.clock = BudgetClock(world.device)
         self.cap_ms = effective_cap_ms(cfg)
         self._looping: bool | None = None
+        self._last_save = 0.0  # wall time (clock.now) of the last checkpoint or of the start
+        self._interrupted = False  # set by the Ctrl-C handler, acted on at the next step boundary
 
     # -- one optimizer step ------------------------------------------------------------------
     def _train_step(self, scale: float, measure: bool = False) -> tuple[float, float | None]:
@@ -285,6 +293,44 @@ class Trainer:
         state = self.state_dict()  # on every rank: gathering a per-rank loader is collective
         if self.world.is_main:
             save_checkpoint(self.run_dir / "checkpoint", state)
+        self._last_save = self.clock.now()
+
+    def _step_boundary(self) -> tuple[bool, bool]:
+        """(checkpoint now, stop for Ctrl-C), the same on every rank: saving is collective and
+        each rank reads its own clock and gets its own signal."""
+        every = self.cfg.train.checkpoint_every_seconds
+        due = every > 0 and self.clock.now() - self._last_save >= every
+        code = all_reduce_max(2.0 if self._interrupted else float(due), self.world)
+        return code >= 1.0, code >= 2.0
+
+    @contextlib.contextmanager
+    def _deferred_ctrl_c(self) -> Iterator[None]:
+        """The first Ctrl-C stops at the next step boundary, so the checkpoint holds a whole step;
+        a second one interrupts at once. Only the main thread may set signal handlers."""
+        previous = signal.getsignal(signal.SIGINT)
+        if threading.current_thread() is not threading.main_thread() or previous is None:
+            yield
+            return
+
+        def on_ctrl_c(signum, frame) -> None:
+            self._interrupted = True
+            signal.signal(signal.SIGINT, previous)
+
+        signal.signal(signal.SIGINT, on_ctrl_c)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _interrupt(self) -> TrainingInterrupted:
+        with self.clock.paused():
+            self._checkpoint()
+        message = (
+            f"stopped at step {self.step}; checkpoint saved in {self.run_dir / 'checkpoint'}. "
+            f"Continue with: pgolf train {self.run_dir} --resume"
+        )
+        self.log.text(message)
+        return TrainingInterrupted(message)
 
     def _agreed_elapsed_ms(self) -> float:
         """Counted training time, the same number on every rank when a wall-clock cap is set.
@@ -336,6 +382,8 @@ class Trainer:
         if resume:
             self.load_state_dict(load_checkpoint(self.run_dir / "checkpoint"))
             self.log.text(f"resumed at step {self.step} ({self.clock.train_ms:.0f} ms trained)")
+            # Steps logged after that checkpoint are about to be trained again.
+            self.log.drop_metrics_after(self.step)
         else:
             self._compile_warmup()
         cap_ms = self.cap_ms
@@ -352,44 +400,51 @@ class Trainer:
         bar = progress_bar(
             total=t.iterations, initial=self.step, desc="train", enabled=self.world.is_main
         )
+        self._last_save = self.clock.now()  # the interval counts from here, not from __init__
         self.clock.start()
         elapsed = self._agreed_elapsed_ms()
-        while self.step < t.iterations and (stop_after is None or self.step < stop_after):
-            decay = warmdown_scale(t, self.step, elapsed, cap_ms)
-            scale = decay * warmup_factor(self.step, t.lr_warmup_steps)
-            self._update_switches(decay, elapsed)
-            logging = self.world.is_main and self._is_log_step(self.step + 1)
-            loss, grad_norm = self._train_step(scale, measure=logging)
-            self.step += 1
-            elapsed = self._agreed_elapsed_ms()
-            self.averager.update(self.model, self.step, decay, elapsed, cap_ms)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-            if logging:
-                extra = {"ema_decay": self.averager.last_decay} if self.averager.use_ema else {}
-                self.log.metrics(
-                    step=self.step,
-                    train_loss=loss,
-                    grad_norm=grad_norm,
-                    lr_scale=scale,
-                    tokens_seen=self.step * tokens_per_step,
-                    train_time_ms=round(elapsed, 1),
-                    step_avg_ms=round(elapsed / self.step, 2),
-                    **extra,
-                )
-                self.log.text(
-                    f"step {self.step}/{t.iterations} train_loss {loss:.4f} lr_scale {scale:.4f} "
-                    f"train_time {elapsed / 1000:.1f}s step_avg {elapsed / self.step:.1f}ms"
-                )
-            if cap_ms is not None and stop_after is None and elapsed >= cap_ms:
-                stop_after = self.step
-                stopped_by = "wallclock"
-            if self._is_validation_step(stop_after):
-                with self.clock.paused():
-                    self._validate()
-            if t.checkpoint_every and self.step % t.checkpoint_every == 0:
-                with self.clock.paused():
-                    self._checkpoint()
+        with self._deferred_ctrl_c():
+            while self.step < t.iterations and (stop_after is None or self.step < stop_after):
+                decay = warmdown_scale(t, self.step, elapsed, cap_ms)
+                scale = decay * warmup_factor(self.step, t.lr_warmup_steps)
+                self._update_switches(decay, elapsed)
+                logging = self.world.is_main and self._is_log_step(self.step + 1)
+                loss, grad_norm = self._train_step(scale, measure=logging)
+                self.step += 1
+                elapsed = self._agreed_elapsed_ms()
+                self.averager.update(self.model, self.step, decay, elapsed, cap_ms)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                if logging:
+                    extra = {"ema_decay": self.averager.last_decay} if self.averager.use_ema else {}
+                    self.log.metrics(
+                        step=self.step,
+                        train_loss=loss,
+                        grad_norm=grad_norm,
+                        lr_scale=scale,
+                        tokens_seen=self.step * tokens_per_step,
+                        train_time_ms=round(elapsed, 1),
+                        step_avg_ms=round(elapsed / self.step, 2),
+                        **extra,
+                    )
+                    self.log.text(
+                        f"step {self.step}/{t.iterations} train_loss {loss:.4f} "
+                        f"lr_scale {scale:.4f} train_time {elapsed / 1000:.1f}s "
+                        f"step_avg {elapsed / self.step:.1f}ms"
+                    )
+                if cap_ms is not None and stop_after is None and elapsed >= cap_ms:
+                    stop_after = self.step
+                    stopped_by = "wallclock"
+                if self._is_validation_step(stop_after):
+                    with self.clock.paused():
+                        self._validate()
+                save, interrupted = self._step_boundary()
+                if interrupted:
+                    bar.close()
+                    raise self._interrupt()
+                if save or (t.checkpoint_every and self.step % t.checkpoint_every == 0):
+                    with self.clock.paused():
+                        self._checkpoint()
         self.clock.stop()
         bar.close()
         if not warned:
@@ -416,7 +471,5 @@ class Trainer:
     def save_weights(self) -> Path:
         path = self.run_dir / WEIGHTS_NAME
         if self.world.is_main:
-            tensors = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-            with atomic_write(path) as f:
-                f.write(safetensors_bytes(tensors))
+            save_safetensors(path, self.model.state_dict())
         return path
