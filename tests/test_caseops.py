@@ -28,6 +28,7 @@ from pgolf.data.caseops import (
     original_byte_counts,
 )
 from pgolf.data.dataset import resolve_dataset
+from pgolf.data.inspect import inspect_path
 from pgolf.data.shards import find_shards, read_shard, write_shard
 from pgolf.data.tokenizer import BOS_ID, build_byte_tables, file_sha256, load_tokenizer
 from pgolf.dist import World
@@ -97,7 +98,7 @@ def test_the_case_transform_is_the_records_on_every_official_verify_document():
     for doc in verify_docs():
         encoded = encode_case(doc)
         assert encoded == record.encode_lossless_caps_v2(doc)
-        assert record.decode_lossless_caps_v2(encoded) == decode_case(encoded) == doc
+        assert decode_case(encoded) == doc
 
 
 @pytest.mark.parametrize(
@@ -115,7 +116,7 @@ def test_the_case_transform_is_the_records_on_every_official_verify_document():
 def test_the_case_transform_matches_the_record_on_words_of_every_shape(text):
     encoded = encode_case(text)
     assert encoded == record_caps().encode_lossless_caps_v2(text)
-    assert decode_case(encoded) == text
+    assert decode_case(encoded) == record_caps().decode_lossless_caps_v2(encoded) == text
 
 
 def test_the_case_transform_inverts_exactly_on_every_shared_fineweb_document():
@@ -141,7 +142,7 @@ def test_decoding_refuses_what_the_transform_never_produces(text):
 def test_per_token_byte_counts_are_the_records_surface_accounting():
     pytest.importorskip("google.protobuf", reason="the record's path reads SentencePiece protos")
     sp, record = caseops_sp(), record_caps()
-    docs = verify_docs()[:60]
+    docs = verify_docs()[:30]
     ids, counts = encode_documents(sp, docs, with_bytes=True)
     for doc, doc_ids, doc_counts in zip(docs, ids, counts, strict=True):
         proto = sp.encode_as_proto(record.encode_lossless_caps_v2(doc))
@@ -155,7 +156,7 @@ def test_per_token_byte_counts_are_the_records_surface_accounting():
 
 
 def test_operators_stand_for_no_bytes_and_escaped_literals_for_their_own():
-    # Surfaces as SentencePiece could cut them: an ESC may end one piece, its literal start the next.
+    # Surfaces as SentencePiece may cut them: an ESC may end one piece, its literal begin the next.
     surfaces = ["\ue001the", " \ue002nasa", "\ue004", "\ue001x", "é\ue003", "b"]
     assert original_byte_counts(s.encode() for s in surfaces) == [3, 5, 0, 4, 2, 1]
 
@@ -199,12 +200,13 @@ def test_the_sidecar_totals_the_utf8_bytes_of_the_original_val_documents(tmp_pat
         out,
         tokenizer=CASEOPS_TOKENIZER,
         val_docs=50,
+        max_docs=52,
         shard_tokens=50_000,  # several val shards: each sidecar pairs with its own
         caseops=True,
         progress=False,
     )
     files = [out / name for name in meta["splits"]["val"]["files"]]
-    assert len(files) >= 3
+    assert len(files) == 3
     tokens = np.concatenate([np.asarray(read_shard(p)) for p in files])
     counts = load_byte_sidecar(files)
     assert counts.shape == tokens.shape
@@ -214,6 +216,7 @@ def test_the_sidecar_totals_the_utf8_bytes_of_the_original_val_documents(tmp_pat
     assert meta["caseops"]["transform"] == "lossless_caps_caseops_v1"
     assert meta["caseops"]["byte_sidecar"] == [f"fineweb_val_bytes_{i:06d}.bin" for i in range(3)]
     # A dataset without sidecars counts bytes with the tokenizer's tables, as before.
+    assert inspect_path(out)["splits"]["val"]["target_bytes"] == _utf8_bytes(val)
     plain = tmp_path / "plain"
     build_dataset([VERIFY_DOCS], plain, tokenizer=CASEOPS_TOKENIZER, val_docs=5, progress=False)
     assert load_byte_sidecar(find_shards(plain, "val")) is None
@@ -274,12 +277,13 @@ def test_data_build_caseops_on_the_command_line(tmp_path, capsys):
 
 
 def test_bpb_on_caseops_shards_counts_the_original_bytes_from_the_sidecar(tmp_path):
-    val = verify_docs()[:6]
+    # The three shortest verify documents keep the 8192-way softmax cheap.
+    val = sorted(verify_docs(), key=len)[:3]
     out = tmp_path / "out"
+    docs = _jsonl(tmp_path / "d.jsonl", [*val, verify_docs()[0]])
     build_dataset(
-        [VERIFY_DOCS], out, tokenizer=CASEOPS_TOKENIZER, val_docs=6, max_docs=8, caseops=True,
-        progress=False,
-    )  # fmt: skip
+        [docs], out, tokenizer=CASEOPS_TOKENIZER, val_docs=3, caseops=True, progress=False
+    )
     cfg = RunConfig()
     cfg.data.path = str(out)
     cfg.model = ModelConfig(

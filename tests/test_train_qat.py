@@ -118,3 +118,15 @@ def test_late_qat_switches_on_below_the_lr_threshold_and_leaves_the_state_dict_a
     assert list(trainer.model.state_dict()) == list(plain.model.state_dict())
     assert trainer.qat is None
     assert all("forward" not in m.__dict__ for m in trainer.model.modules())
+
+
+@pytest.mark.parametrize("floor", [False, True])
+def test_the_trainers_qat_rounds_with_the_exporters_scale_floor(tiny_dataset, tmp_path, floor):
+    cfg = tiny_config(tiny_dataset, qat_enabled=True)
+    cfg.export.scale_floor = floor
+    trainer = Trainer(cfg, resolve_dataset(cfg.data), CPU_WORLD, tmp_path, RunLog(tmp_path, False))
+    assert trainer.qat.scale_floor is floor
+    # A row of tiny weights: floored, the 1/31 grid rounds it to zero; unfloored, it keeps its shape.
+    w = torch.full((1, 64), 0.004)
+    q = fake_quantize_rows(w, trainer.qat.bits, trainer.qat.clip_percentile, floor)
+    assert bool((q == 0).all()) is floor

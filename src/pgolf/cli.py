@@ -179,8 +179,9 @@ def cmd_run(args: argparse.Namespace) -> None:
         _print_result(report, args.json, human)
 
 
-def _stage(args: argparse.Namespace, fn, then: str | None = None, **kwargs) -> None:
-    """Run one stage on RUN; `then` names the stages still to run, said on stderr."""
+def _stage(args: argparse.Namespace, fn, then: str | None = None, rows=None, **kwargs) -> None:
+    """Run one stage on RUN; `then` names the stages still to run, said on stderr; `rows` makes
+    the human table of the stage's result (default: the report's summary)."""
     from pgolf.dist import init_world, shutdown
     from pgolf.run import summary_rows
 
@@ -190,7 +191,7 @@ def _stage(args: argparse.Namespace, fn, then: str | None = None, **kwargs) -> N
     finally:
         shutdown(world)
     if world.is_main:
-        _print_result(report, args.json, _table(summary_rows(report)))
+        _print_result(report, args.json, _table((rows or summary_rows)(report)))
         if then:
             print(f"next: {then}", file=sys.stderr)
 
@@ -215,9 +216,17 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from pgolf.run import eval_stage
+    from pgolf.eval.request import EvalRequest
+    from pgolf.run import eval_rows, eval_stage
 
-    _stage(args, eval_stage, echo=not args.json)
+    request = EvalRequest(
+        stride=args.stride,
+        eval_len=args.eval_len,
+        ttt=args.ttt,
+        val=args.val,
+        assignments=tuple(args.set or ()),
+    )
+    _stage(args, eval_stage, rows=eval_rows, echo=not args.json, request=request)
 
 
 # -- parser ----------------------------------------------------------------------------------
@@ -317,8 +326,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_json(p)
     p.set_defaults(func=cmd_quantize)
 
-    p = sub.add_parser("eval", help="score RUN's artifact on the validation set")
+    p = sub.add_parser(
+        "eval",
+        help="score RUN's artifact on the validation set",
+        description="Score RUN's artifact. Under the run's own settings this refreshes the "
+        "headline of RUN/report.json; under others (any flag below that changes them) the "
+        "result is added to the report's `evaluations` and the headline stays as it was.",
+    )
     p.add_argument("run", metavar="RUN")
+    p.add_argument("--stride", type=int, metavar="S", help="sliding windows with stride S")
+    p.add_argument("--eval-len", type=int, metavar="T", help="window length T in tokens")
+    p.add_argument(
+        "--ttt",
+        metavar="PRESET|off",
+        help="score-first TTT with that preset's eval.ttt_* settings, or off",
+    )
+    p.add_argument(
+        "--val", metavar="GLOB", help="other validation shards (a shard, glob or dataset dir)"
+    )
+    p.add_argument("--set", action="append", metavar="eval.KEY=VALUE", help="any eval setting")
     _add_json(p)
     p.set_defaults(func=cmd_eval)
     from pgolf.audit.commands import register as register_audit

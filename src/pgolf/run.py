@@ -6,7 +6,8 @@ RUN/metrics.jsonl    one JSON object per logged step / evaluation
 RUN/checkpoint/      resumable training state
 RUN/model.safetensors  float weights after training
 RUN/artifact.pgolf   the compressed submission weights
-RUN/report.json      the numbers: BPB, bytes, time split, compliance
+RUN/report.json      the numbers: BPB, bytes, time split, compliance; `evaluations` holds the
+                     scores `pgolf eval` took under other settings
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ from pgolf.errors import PgolfError
 from pgolf.eval.bpb import SidecarBytes, TorchByteTables
 from pgolf.eval.evaluate import evaluate
 from pgolf.eval.prequant import prequant_ttt
+from pgolf.eval.request import (
+    EvalRequest,
+    changed_settings,
+    describe_request,
+    resolve_eval_request,
+)
 from pgolf.eval.score import score_nonoverlapping
 from pgolf.fileio import remove_empty_dirs, writable_dir, write_text_atomic
 from pgolf.model.gpt import GPT
@@ -313,40 +320,43 @@ def load_artifact_model(run_dir: Path, cfg: RunConfig, device: torch.device) -> 
 
 
 def eval_stage(
-    run_dir: Path, world: World, echo: bool = True, loggers: tuple[str, ...] = ()
+    run_dir: Path,
+    world: World,
+    echo: bool = True,
+    loggers: tuple[str, ...] = (),
+    request: EvalRequest | None = None,
 ) -> dict:
-    """Score the artifact model; everything from reading the artifact on is eval time."""
+    """Score the artifact model; everything from reading the artifact on is eval time.
+
+    Under the run's own settings the result is report.json's headline and the report is returned.
+    `request` may ask for others (`pgolf eval --stride/--ttt/--val/--set`): that result is
+    appended to the report's `evaluations` and returned, the headline left as it was.
+    """
     cfg = load_run_config(run_dir)
     files = resolve_dataset(cfg.data)
+    request = request or EvalRequest()
+    ev, eval_files = resolve_eval_request(cfg, files, request)
+    own = ev == cfg.eval and eval_files.val == files.val
+    if not (Path(run_dir) / ARTIFACT_NAME).is_file():
+        raise PgolfError(f"{run_dir}/{ARTIFACT_NAME}: no artifact; run `pgolf run` or export first")
     log = RunLog(
         run_dir, world.is_main, echo, open_sinks(loggers, run_dir) if world.is_main else ()
     )
-    if not (Path(run_dir) / ARTIFACT_NAME).is_file():
-        raise PgolfError(f"{run_dir}/{ARTIFACT_NAME}: no artifact; run `pgolf run` or export first")
-    eval_data = EvalData(cfg, files, world.device)
+    eval_data = EvalData(dataclasses.replace(cfg, eval=ev), eval_files, world.device)
     t0 = time.perf_counter()
     model = load_artifact_model(run_dir, cfg, world.device)
     result = evaluate(
         model,
         eval_data.tokens,
         eval_data.byte_tables,
-        cfg.eval,
+        ev,
         world,
         train_seq_len=cfg.train.train_seq_len,
         progress=echo,
         started_at=t0,
     )
-    eval_time_s = result["time"]["total_s"]
-    log.metrics(
-        eval_mode=result["eval_mode"], val_loss=result["val_loss"], val_bpb=result["val_bpb"]
-    )
-    log.text(
-        f"final artifact {result['eval_mode']} val_loss {result['val_loss']:.6f} "
-        f"val_bpb {result['val_bpb']:.6f}" + (" (score-first TTT, s_0)" if result["ttt"] else "")
-    )
     report = read_report(run_dir)
     bytes_code = code_bytes(imported_source_files())
-    bytes_total = bytes_code + int(report.get("bytes_model", 0))
     fields = dict(
         val_loss=result["val_loss"],
         val_bpb=result["val_bpb"],
@@ -356,12 +366,12 @@ def eval_stage(
         eval_seq_len=result["eval_seq_len"],
         eval_stride=result["eval_stride"],
         coverage=result["coverage"],
-        eval_time_s=eval_time_s,
+        eval_time_s=result["time"]["total_s"],
         eval_time=result["time"],
         eval_device=str(world.device),
         eval_world_size=world.world_size,
         bytes_code=bytes_code,
-        bytes_total=bytes_total,
+        bytes_total=bytes_code + int(report.get("bytes_model", 0)),
         ttt=result["ttt"],
         temperature=result["temperature"],
         byte_tables_sha256=eval_data.byte_tables_sha256,
@@ -370,13 +380,42 @@ def eval_stage(
     if not eval_data.covers_all:
         rules["full_validation_coverage"] = {
             "ok": False,
-            "detail": f"eval.max_val_tokens={cfg.eval.max_val_tokens} cut the validation stream",
+            "detail": f"eval.max_val_tokens={ev.max_val_tokens} cut the validation stream",
         }
     if report.get("prequant_ttt"):
         rules["score_first"] = {"ok": False, "detail": report["prequant_ttt"]["reason"]}
     for entry in rules.values():  # every entry speaks the audit's pass / fail / unproven
         entry.setdefault("status", status_of(entry))
-    return update_report(run_dir, world, **fields, compliance=rules)
+    score = (
+        f"{result['eval_mode']} val_loss {result['val_loss']:.6f} val_bpb {result['val_bpb']:.6f}"
+        + (" (score-first TTT, s_0)" if result["ttt"] else "")
+    )
+    if own:
+        log.metrics(
+            eval_mode=result["eval_mode"], val_loss=result["val_loss"], val_bpb=result["val_bpb"]
+        )
+        log.text(f"final artifact {score}")
+        return update_report(run_dir, world, **fields, compliance=rules)
+    evaluations = list(report.get("evaluations", []))
+    evaluation = {
+        "evaluation": len(evaluations) + 1,
+        "request": request.asked(),
+        "settings": changed_settings(cfg.eval, ev),
+        "val_files": [str(p.resolve()) for p in eval_files.val],
+        **fields,
+        "compliance": rules,
+    }
+    # `evaluation` keeps this score apart from the run's own in readers of metrics.jsonl.
+    log.metrics(
+        eval_mode=result["eval_mode"],
+        evaluation=evaluation["evaluation"],
+        val_loss=result["val_loss"],
+        val_bpb=result["val_bpb"],
+    )
+    asked = describe_request(evaluation["request"])
+    log.text(f"evaluation {evaluation['evaluation']} ({asked}): {score}")
+    update_report(run_dir, world, evaluations=[*evaluations, evaluation])
+    return evaluation
 
 
 def compliance(report: dict) -> dict[str, dict[str, Any]]:
@@ -426,3 +465,22 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
         ("train time (s)", fmt("train_time_s", ".1f")),
         ("eval time (s)", fmt("eval_time_s", ".1f")),
     ]
+
+
+def evaluation_rows(evaluation: dict) -> list[tuple[str, str]]:
+    """The table of one entry of report.json's `evaluations`."""
+    mode = evaluation["eval_mode"] + (" + TTT" if evaluation["ttt"] else "")
+    return [
+        ("evaluation", f"{evaluation['evaluation']} in report.json's evaluations"),
+        ("asked", describe_request(evaluation["request"])),
+        (f"val_bpb ({mode}, T={evaluation['eval_seq_len']})", f"{evaluation['val_bpb']:.4f}"),
+        ("val_loss (nats/token)", f"{evaluation['val_loss']:.4f}"),
+        ("scored targets", f"{evaluation['val_tokens']:,}"),
+        ("scored bytes", f"{evaluation['val_bytes']:,}"),
+        ("eval time (s)", f"{evaluation['eval_time_s']:.1f}"),
+    ]
+
+
+def eval_rows(result: dict) -> list[tuple[str, str]]:
+    """`pgolf eval`'s table: the report's summary, or the side evaluation it recorded."""
+    return evaluation_rows(result) if "evaluation" in result else summary_rows(result)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pgolf.data.caseops import load_byte_sidecar, sidecar_path
 from pgolf.data.dataset import check_tokenizer_recorded
 from pgolf.data.shards import SPLITS, find_shards, read_shard
 from pgolf.data.tokenizer import (
@@ -101,6 +102,11 @@ def inspect_stream(
     }
     if tables is not None:
         targets = max(tokens - 1, 0)
+        # CaseOps val shards count original bytes from their sidecars, as the evaluator does.
+        sidecar = load_byte_sidecar(paths) if all(map(sidecar_path, paths)) else None
+        if sidecar is not None:
+            num_bytes = int(sidecar[1:].sum(dtype=np.int64))
+        result["byte_source"] = "caseops sidecar" if sidecar is not None else "tokenizer tables"
         result["targets"] = targets
         result["target_bytes"] = num_bytes
         result["bytes_per_target"] = num_bytes / targets if targets else None

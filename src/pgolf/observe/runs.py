@@ -65,6 +65,8 @@ def load_run(run_dir: str | Path) -> RunRecords:
             raise PgolfError(f"{metrics}:{number}: not a JSON object") from None
         if record.get("eval_mode") == PERIODIC:
             run.val_curve.append(record)
+        elif "evaluation" in record:
+            continue  # `pgolf eval` under other settings: not one of the run's own scores
         elif "eval_mode" in record:
             run.evals.append(record)
         elif "train_loss" in record:
