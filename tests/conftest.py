@@ -59,16 +59,19 @@ def official_tokenizer_path() -> Path:
     return OFFICIAL_TOKENIZER
 
 
-@pytest.fixture(scope="session")
-def tiny_dataset(tmp_path_factory, official_tokenizer_path) -> Path:
+def make_tiny_dataset(out: Path) -> Path:
     """Official sp1024 tokens: 2 train shards and a 40,000-token val shard, plus the tokenizer."""
     tokens = np.asarray(read_shard(DEV_SHARD))
-    out = tmp_path_factory.mktemp("tiny_dataset")
     write_shard(out / "fineweb_train_000000.bin", tokens[:200_000])
     write_shard(out / "fineweb_train_000001.bin", tokens[200_000:400_000])
     write_shard(out / "fineweb_val_000000.bin", tokens[-40_000:])
-    shutil.copy(official_tokenizer_path, out / "tokenizer.model")
+    shutil.copy(OFFICIAL_TOKENIZER, out / "tokenizer.model")
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory, official_tokenizer_path) -> Path:
+    return make_tiny_dataset(tmp_path_factory.mktemp("tiny_dataset"))
 
 
 def tiny_config(data_dir: Path, **train_overrides) -> RunConfig:

@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from pgolf.audit import probes, rules
+from pgolf import rules, rundir
+from pgolf.audit import checks, probes
+from pgolf.audit.records import byte_tables_sha256
 from pgolf.cli import main
 from pgolf.data.shards import read_shard, write_shard
 from pgolf.data.tokenizer import build_byte_tables, load_tokenizer
+from pgolf.eval import normalisation
 from pgolf.eval.bpb import TorchByteTables
 
 TINY = [
@@ -77,26 +80,32 @@ def test_audit_passes_a_legal_run_with_score_first_ttt(legal_run, capsys):
     result = json.loads(out)
     verdicts = _by_rule(result)
     assert result["ok"] is True
-    for rule in ("artifact_bytes", "data_separation", "c1_causality", "c2_normalisation",
-                 "c3_score_before_update", "c4_single_pass", "tokenizer_byte_tables",
-                 "coverage", "temperature", "no_late_optimisation"):  # fmt: skip
+    for rule in ("artifact_under_16mb", "data_separation", "c1_causality", "normalisation",
+                 "c3_score_before_update", "score_first", "scored_exactly_once",
+                 "tokenizer_byte_tables", "full_validation_coverage", "temperature",
+                 "no_late_optimisation"):  # fmt: skip
         assert verdicts[rule]["status"] == "pass", verdicts[rule]
     # CPU timings cannot prove the 8×H100 budget: a distinct status, not a silent pass
-    assert verdicts["training_time"]["status"] == "unproven"
-    assert "does not prove the 8×H100 budget" in verdicts["eval_time"]["detail"]
+    assert verdicts["training_under_600s"]["status"] == "unproven"
+    assert "does not prove the 8×H100 budget" in verdicts["eval_under_600s"]["detail"]
     assert "trained" in verdicts["c3_score_before_update"]["detail"]
     assert verdicts["c3_score_before_update"]["evidence"]["chunks_trained"] == 2
     report = json.loads((legal_run / "report.json").read_text())
     assert report["data_files"]["train"] and report["byte_tables_sha256"]
     size = (legal_run / "artifact.pgolf").stat().st_size
-    assert verdicts["artifact_bytes"]["evidence"]["bytes_model"] == size
+    assert verdicts["artifact_under_16mb"]["evidence"]["bytes_model"] == size
+    # the audit runs the rules the run's own record was written from: the same verdicts
+    for rule, entry in report["compliance"].items():
+        assert entry["status"] == verdicts[rule]["status"], rule
 
 
 def test_audit_fails_an_artifact_over_the_cap(legal_run, monkeypatch):
-    cfg, report = rules.load_run(legal_run)
-    assert rules.check_artifact(legal_run, cfg, report)["status"] == "pass"
+    cfg, report = rundir.load_evaluated(legal_run)
+    assert checks.check_artifact(legal_run, cfg, report)["status"] == "pass"
+    stale = checks.check_artifact(legal_run, cfg, {**report, "bytes_code": 1})
+    assert stale["status"] == "fail" and "stale report" in stale["detail"]
     monkeypatch.setattr(rules, "BYTES_CAP", 100_000)
-    verdict = rules.check_artifact(legal_run, cfg, report)
+    verdict = checks.check_artifact(legal_run, cfg, report)
     assert verdict["status"] == "fail" and "100,000" in verdict["detail"]
     assert verdict["evidence"]["bytes_total"] > 100_000
 
@@ -119,12 +128,14 @@ def test_audit_fails_a_run_with_illegal_prequant_ttt(small_data, tmp_path, capsy
 
 def test_audit_fails_a_changed_tokenizer_and_a_partial_score(legal_run):
     cfg, tokens, tables = _probe_inputs(legal_run)
-    _, report = rules.load_run(legal_run)
-    assert rules.check_tokenizer(cfg, report, tables)["status"] == "pass"
-    assert rules.check_coverage(cfg, report, tokens)["status"] == "pass"
-    other = {**report, "byte_tables_sha256": "0" * 64, "val_tokens": report["val_tokens"] - 64}
-    assert rules.check_tokenizer(cfg, other, tables)["status"] == "fail"
-    assert rules.check_coverage(cfg, other, tokens)["status"] == "fail"
+    _, report = rundir.load_evaluated(legal_run)
+    rebuilt = byte_tables_sha256(tables)
+    assert rules.tokenizer_tables(report["byte_tables_sha256"], rebuilt)["status"] == "pass"
+    assert checks.check_coverage(cfg, report, tokens)["status"] == "pass"
+    assert rules.tokenizer_tables("0" * 64, rebuilt)["status"] == "fail"
+    assert rules.tokenizer_tables(None, rebuilt)["status"] == "unproven"
+    fewer = {**report, "val_tokens": report["val_tokens"] - 64}
+    assert checks.check_coverage(cfg, fewer, tokens)["status"] == "fail"
 
 
 class _PeeksAhead(torch.nn.Module):
@@ -142,24 +153,24 @@ class _PeeksAhead(torch.nn.Module):
 
 
 def _probe_inputs(run):
-    cfg, _ = rules.load_run(run)
-    files = rules.resolve_dataset(cfg.data)
-    tokens = np.asarray(rules.load_tokens(files.val))
+    cfg, _ = rundir.load_evaluated(run)
+    files = checks.resolve_dataset(cfg.data)
+    tokens = np.asarray(checks.load_tokens(files.val))
     tables = build_byte_tables(load_tokenizer(files.tokenizer), cfg.model.vocab_size)
     return cfg, tokens, tables
 
 
 def test_causality_probe_catches_a_model_that_reads_future_tokens(legal_run, monkeypatch):
     cfg, tokens, _ = _probe_inputs(legal_run)
-    model = rules.load_probe_model(legal_run, cfg, torch.device("cpu"))
+    model = checks.load_probe_model(legal_run, cfg, torch.device("cpu"))
     honest = probes.causality_probe(model, tokens, 64, 1.0, 1024, torch.device("cpu"))
     assert honest["ok"] and honest["max_past_shift"] == 0.0
     cheat = probes.causality_probe(_PeeksAhead(model), tokens, 64, 1.0, 1024, torch.device("cpu"))
     assert not cheat["ok"] and cheat["max_past_shift"] > probes.CAUSAL_TOL
     # and through the whole audit, via the loader the audit uses
-    monkeypatch.setattr(rules, "load_probe_model", lambda *a: _PeeksAhead(model))
-    verdicts = {v["rule"]: v for v in rules.check_probes(
-        legal_run, cfg, {}, tokens, _probe_inputs(legal_run)[2], rules.probe_world()
+    monkeypatch.setattr(checks, "load_probe_model", lambda *a: _PeeksAhead(model))
+    verdicts = {v["rule"]: v for v in checks.check_probes(
+        legal_run, cfg, {}, tokens, _probe_inputs(legal_run)[2], checks.probe_world()
     )[:2]}  # fmt: skip
     assert verdicts["c1_causality"]["status"] == "fail"
 
@@ -168,17 +179,18 @@ def test_normalisation_probe_catches_a_distribution_that_does_not_sum_to_one(
     legal_run, monkeypatch
 ):
     cfg, tokens, tables = _probe_inputs(legal_run)
-    world = rules.probe_world()
-    model = rules.load_probe_model(legal_run, cfg, world.device)
+    world = checks.probe_world()
+    model = checks.load_probe_model(legal_run, cfg, world.device)
     args = (model, tokens, 64, 1.0, 1024, TorchByteTables(tables), world)
-    assert probes.normalisation_probe(*args)["ok"]
+    assert normalisation.normalisation_probe(*args)["ok"]
 
     def target_only(logits, targets, temperature):  # a raw logit read as a log-probability
         return -(logits / temperature).gather(-1, targets[:, None])[:, 0]
 
-    monkeypatch.setattr(probes, "scored_nll", target_only)
-    result = probes.normalisation_probe(*args)
+    monkeypatch.setattr(normalisation, "scored_nll", target_only)
+    result = normalisation.normalisation_probe(*args)
     assert not result["ok"] and result["max_mass_error"] > 1e-3
+    assert rules.normalisation(result)["status"] == "fail"
 
 
 def test_audit_bad_input_exits_2(tmp_path, capsys):
@@ -191,8 +203,8 @@ def test_audit_bad_input_exits_2(tmp_path, capsys):
 
 def test_poison_probe_catches_ttt_that_adapts_on_future_chunks(legal_run, monkeypatch):
     cfg, tokens, tables = _probe_inputs(legal_run)
-    world = rules.probe_world()
-    model = rules.load_probe_model(legal_run, cfg, world.device)
+    world = checks.probe_world()
+    model = checks.load_probe_model(legal_run, cfg, world.device)
     args = (model, tokens, cfg.eval, 64, TorchByteTables(tables), world, 8)
     assert probes.poison_probe(*args)["ok"]
     honest_ttt = probes.score_first_ttt
@@ -210,18 +222,16 @@ def test_poison_probe_catches_ttt_that_adapts_on_future_chunks(legal_run, monkey
 
 
 def test_timings_pass_or_fail_only_on_8_gpus_and_are_unproven_elsewhere_even_over_the_cap():
-    from pgolf.audit.verdicts import time_verdicts
-
     def statuses(device, world_size, seconds):
         report = {"device": device, "world_size": world_size, "train_time_s": seconds}
         report["eval_time_s"] = seconds
-        return {rule: v["status"] for rule, v in time_verdicts(report).items()}
+        return (rules.training_time(report)["status"], rules.eval_time(report)["status"])
 
-    assert statuses("cuda:0", 8, 590.0) == {"training_time": "pass", "eval_time": "pass"}
-    assert statuses("cuda:0", 8, 700.0) == {"training_time": "fail", "eval_time": "fail"}
+    assert statuses("cuda:0", 8, 590.0) == ("pass", "pass")
+    assert statuses("cuda:0", 8, 700.0) == ("fail", "fail")
     for device, world_size in (("cpu", 1), ("cuda:0", 1), ("cpu", 8)):
         for seconds in (6.5, 700.0):
-            assert set(statuses(device, world_size, seconds).values()) == {"unproven"}
+            assert set(statuses(device, world_size, seconds)) == {"unproven"}
     calibrated = {"device": "cuda:0", "world_size": 8, "train_time_s": 590.0, "eval_time_s": 1.0,
                   "calib_time_s": 14.0, "calibration": {"calib_source": "train"}}  # fmt: skip
-    assert time_verdicts(calibrated)["training_time"]["status"] == "fail"  # SPEC §1.3
+    assert rules.training_time(calibrated)["status"] == "fail"  # SPEC §1.3

@@ -159,6 +159,10 @@ def test_operators_stand_for_no_bytes_and_escaped_literals_for_their_own():
     # Surfaces as SentencePiece may cut them: an ESC may end one piece, its literal begin the next.
     surfaces = ["\ue001the", " \ue002nasa", "\ue004", "\ue001x", "é\ue003", "b"]
     assert original_byte_counts(s.encode() for s in surfaces) == [3, 5, 0, 4, 2, 1]
+    record = record_caps()
+    assert record.surface_piece_original_byte_counts(
+        surfaces, text_transform_name=record.LOSSLESS_CAPS_CASEOPS_V1
+    ) == [3, 5, 0, 4, 2, 1]
 
 
 def test_caseops_build_is_the_records_prepare_script_byte_for_byte(tmp_path, monkeypatch):

@@ -250,11 +250,23 @@ def test_mixed_gptq_export_end_to_end(tiny_dataset, tmp_path, capsys):
     # int6 GPTQ of a 2-layer model: smaller than the int8 artifact, and still close to float
     assert abs(report["val_bpb"] - report["pre_quant_val_bpb"]) < 0.1
     assert "calibration" in report["compliance"]["training_under_600s"]["detail"]
-    # No declared script size: the fit budgets for pgolf's files and says so, in both places;
-    # rANS stores no float16, so those sections' switch to `auto` is stated too.
+    # No declared script size: the fit budgets for the shipped script and says so, in both
+    # places; rANS stores no float16, so those sections' switch to `auto` is stated too.
     quant, log = report["quant"], (run / "train.log").read_text()
-    assert "export.code_bytes undeclared" in quant["code_bytes_source"]
+    assert quant["code_bytes_source"] == "the shipped train_gpt.py"
     assert quant["target_bytes"] == 16_000_000 - quant["code_bytes"]
+    # One bytes_code, to the byte: the run's, the fit target's, the audit's and the export's
+    from pgolf.audit.checks import check_artifact
+    from pgolf.rundir import load_evaluated
+
+    audited = check_artifact(run, *load_evaluated(run))
+    assert audited["status"] == "pass", audited["detail"]
+    assert main(["export", str(run), "--out", str(tmp_path / "export")]) == 0
+    sub = json.loads((tmp_path / "export" / "submission.json").read_text())
+    shipped = (tmp_path / "export" / "train_gpt.py").stat().st_size
+    assert report["bytes_code"] == quant["code_bytes"] == shipped
+    assert audited["evidence"]["bytes_code"] == sub["bytes_code"] == shipped
+    assert report["bytes_total"] == sub["bytes_total"] == audited["evidence"]["bytes_total"]
     assert f"({quant['code_bytes_source']})" in log
     assert quant["codec_switched"]["from"] == "rans" and "codec switched rans → auto" in log
 
@@ -311,3 +323,20 @@ def test_torchrun_ranks_agree_on_the_default_run_folder(tmp_path):
     mp.spawn(_name_worker, args=(2, free_port(), tmp_path), nprocs=2, join=True)
     names = {(tmp_path / f"name{rank}").read_text() for rank in range(2)}
     assert names == {str(Path("runs") / "demo_20260101_120059")}
+
+
+@pytest.mark.parametrize("extra", [[], ["--allow-tokenizer-mismatch"]])
+def test_run_demo_with_data_trains_on_that_data_and_never_builds_the_demo_set(
+    extra, tiny_dataset, tmp_path, capsys, monkeypatch
+):
+    import pgolf.cli
+
+    def refuse(world):
+        raise AssertionError("the demo dataset was built although --data was given")
+
+    monkeypatch.setattr(pgolf.cli, "_ensure_demo_data", refuse)
+    run = tmp_path / "run"
+    args = ["run", "--preset", "demo", "--data", str(tiny_dataset), "--out", str(run), *extra]
+    code, _, _ = _run_cli([*args, "--json", *TINY], capsys)
+    assert code == 0
+    assert json.loads((run / "config.json").read_text())["data"]["path"] == str(tiny_dataset)

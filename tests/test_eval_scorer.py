@@ -85,7 +85,8 @@ def test_sliding_with_stride_equal_to_the_window_equals_the_nonoverlapping_score
     assert default["eval_mode"] == "nonoverlapping" and default["val_tokens"] == 40 * 64
     assert default["val_nats"] == pytest.approx(reference.nats, rel=1e-12, abs=0)
     assert default["coverage"] == pytest.approx(40 * 64 / (40 * 64 + 29))
-    assert default["compliance"]["full_validation_coverage"]["ok"]
+    # the 29 tail targets are trimmed as the official eval does: full coverage all the same
+    assert default["val_tokens"] == default["scorable_targets"] and not default["partial"]
 
 
 def test_a_full_sliding_pass_counts_exactly_the_official_bytes_of_the_stream(tiny_dataset):
@@ -96,7 +97,7 @@ def test_a_full_sliding_pass_counts_exactly_the_official_bytes_of_the_stream(tin
     assert sliding["val_tokens"] == official["targets"] == len(tokens) - 1
     assert sliding["val_bytes"] == official["target_bytes"]
     assert sliding["windows"] == -(-(len(tokens) - 1 - 64) // 64)
-    assert sliding["compliance"]["scored_exactly_once"]["ok"]
+    assert sliding["ledger_targets"] == sliding["val_tokens"]
     # Per-document reset changes the context of each prediction, not what is scored.
     reset = run_eval(
         model,
@@ -146,15 +147,15 @@ def test_windows_longer_than_the_training_length_are_scored_consistently():
     assert result["eval_seq_len"] == 256 and np.isfinite(result["val_bpb"])
 
 
-def test_temperature_is_one_unless_set_and_anything_else_is_flagged():
+def test_temperature_is_one_unless_set_and_is_recorded():
     assert EvalConfig().temperature == 1.0
     tokens = stream_tokens(1025)
     model = tiny_model()
     plain = run_eval(model, tokens)
-    assert plain["temperature"] == 1.0 and plain["compliance"]["temperature_one"]["ok"]
+    assert plain["temperature"] == 1.0
     warm = run_eval(model, tokens, temperature=0.98)
     assert warm["val_nats"] != plain["val_nats"]
-    assert not warm["compliance"]["temperature_one"]["ok"]
+    assert warm["temperature"] == 0.98  # recorded for pgolf.rules.temperature to judge
 
 
 def test_the_eval_cap_warns_or_stops_and_a_stop_is_reported_as_partial():
@@ -177,7 +178,7 @@ def test_the_eval_cap_warns_or_stops_and_a_stop_is_reported_as_partial():
         )
     assert stopped["partial"] and "cap" in stopped["partial_reason"]
     assert 0 < stopped["coverage"] < 1
-    assert not stopped["compliance"]["full_validation_coverage"]["ok"]
+    assert stopped["val_tokens"] < stopped["scorable_targets"]
     assert {"total_s", "score_s", "cap_s"} <= set(stopped["time"])
 
 
@@ -217,7 +218,7 @@ def test_two_gloo_ranks_give_the_sums_of_one_process(tmp_path):
         assert got["plain"]["val_tokens"] == plain["val_tokens"] == 2048
         assert got["plain"]["val_bytes"] == plain["val_bytes"]
         assert got["plain"]["val_nats"] == pytest.approx(plain["val_nats"], rel=1e-9)
-        assert got["plain"]["compliance"]["scored_exactly_once"]["ok"]
+        assert got["plain"]["ledger_targets"] == got["plain"]["val_tokens"]
         # TTT: same chunks, same updates (gradients summed over ranks), so the same s_0.
         assert got["ttt"]["val_tokens"] == ttt["val_tokens"] == 2048
         assert got["ttt"]["val_bytes"] == ttt["val_bytes"]

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pgolf import runlog
 from pgolf.config import load_preset
 from pgolf.errors import PgolfError
-from pgolf.export.bundle import bundle_script, compress_script
+from pgolf.export.bundle import shipped_script
 from pgolf.quant.export import quantize_model
 from pgolf.quant.fit import BYTES_CAP, fit_to_budget
 from pgolf.quant.pipeline import code_budget, export_mixed, fit_log_lines
@@ -77,18 +76,16 @@ def test_fit_prune_none_fits_when_the_declared_script_leaves_room(model):
         export_mixed(model, cfg, {}, (BYTES_CAP - auto + 1, "imported pgolf files"))
 
 
-def test_undeclared_code_bytes_are_the_imported_files_and_the_report_says_so():
+def test_undeclared_code_bytes_are_the_shipped_script_and_the_report_says_so():
     cfg = load_preset("demo")
     assert cfg.export.code_bytes == 0
-    files = runlog.imported_source_files()
-    nbytes, source = code_budget(cfg)
-    assert nbytes == runlog.code_bytes(files)
-    assert source == f"the {len(files)} pgolf source files this run imported " + (
-        "(export.code_bytes undeclared)"
-    )
+    shipped = len(shipped_script(cfg.to_dict()).encode("utf-8"))
+    assert code_budget(cfg) == (shipped, "the shipped train_gpt.py")
+    cfg.export.code_bytes = 83_260  # a record's declared script size overrides it
+    assert code_budget(cfg) == (83_260, DECLARED)
 
 
-def test_inside_an_exported_script_the_imported_file_is_the_shipped_script(monkeypatch, tmp_path):
+def test_inside_an_exported_script_the_script_itself_is_measured(monkeypatch, tmp_path):
     import pgolf
 
     # bundle.py gives every embedded module, pgolf included, the script as its __file__
@@ -96,23 +93,7 @@ def test_inside_an_exported_script_the_imported_file_is_the_shipped_script(monke
     script.write_text("# the exported script\n")
     monkeypatch.setattr(pgolf, "__file__", str(script))
     cfg = load_preset("demo")
-    cfg.export.code_measure = "exported"  # nothing to bundle from: the script is the measure
-    files = runlog.imported_source_files()
-    assert code_budget(cfg) == (runlog.code_bytes(files), "this exported script")
-
-
-def test_exported_measure_is_the_size_of_the_script_pgolf_export_writes():
-    cfg = load_preset("demo")
-    cfg.export.code_measure = "exported"
-    script = bundle_script(cfg.to_dict())
-    assert code_budget(cfg) == (len(script.encode("utf-8")), "exported script")
-    cfg.export.code_measure = "exported-lzma"
-    wrapped = len(compress_script(bundle_script(cfg.to_dict())).encode("utf-8"))
-    assert code_budget(cfg) == (wrapped, "exported script, lzma-wrapped")
-    assert wrapped < len(script) // 2
-    cfg.export.code_measure = "shipped"
-    with pytest.raises(PgolfError, match="export.code_measure 'shipped'"):
-        code_budget(cfg)
+    assert code_budget(cfg) == (script.stat().st_size, "this exported script")
 
 
 def test_explicit_target_bytes_is_named_as_the_target_source(model):

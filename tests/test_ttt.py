@@ -311,7 +311,7 @@ def test_max_chunks_is_reported_as_a_fraction_of_the_validation_set():
     assert result["partial"] and "#610" in result["partial_reason"]
     assert result["coverage"] == pytest.approx(3 / 8)
     assert result["val_tokens"] == 3 * CHUNK
-    assert not result["compliance"]["full_validation_coverage"]["ok"]
+    assert result["val_tokens"] < result["scorable_targets"]
     assert result["ttt"]["chunks_scored"] == 3 and result["ttt"]["chunks_trained"] == 2
     assert result["ttt"]["bpb_after"] == result["val_bpb"]
     assert result["ttt"]["bpb_before"] is not None  # the full stream, without TTT

@@ -153,10 +153,10 @@ def cmd_run(args: argparse.Namespace) -> None:
     try:
         if args.data:
             assignments.append(f"data.path={args.data}")
-        if args.allow_tokenizer_mismatch:
-            assignments.append("data.allow_tokenizer_mismatch=true")
         elif args.preset == "demo" and not os.environ.get("DATA_PATH"):
             assignments.append(f"data.path={_ensure_demo_data(world)}")
+        if args.allow_tokenizer_mismatch:
+            assignments.append("data.allow_tokenizer_mismatch=true")
         cfg = resolve_config(args.preset, assignments)
         if cfg.illegal and not args.allow_illegal:
             raise PgolfError(

@@ -57,6 +57,9 @@ SECTION_TYPES = {
     "export": ExportConfig,
 }
 SECTIONS = tuple(SECTION_TYPES)
+# Keys that older runs' config.json files carry and that no longer configure anything: read
+# and dropped, so those runs still load (export.code_measure: the shipped script is one form).
+RETIRED_KEYS = {("export", "code_measure")}
 
 
 def _parse_value(text: str, target_type: type, where: str) -> Any:
@@ -173,7 +176,8 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
     cfg = RunConfig(preset=data.get("preset", "baseline"), illegal=data.get("illegal", ""))
     for section in SECTIONS:
         for key, value in data.get(section, {}).items():
-            _set_field(cfg, section, key, value, "config.json")
+            if (section, key) not in RETIRED_KEYS:
+                _set_field(cfg, section, key, value, "config.json")
     return cfg
 
 

@@ -1,19 +1,10 @@
-"""The pipeline stages over a run directory, and `pgolf run` which chains them.
-
-RUN/config.json      resolved config (written first; every stage reads it)
-RUN/train.log        human log, starting with versions, device and code hash
-RUN/metrics.jsonl    one JSON object per logged step / evaluation
-RUN/checkpoint/      resumable training state
-RUN/model.safetensors  float weights after training
-RUN/artifact.pgolf   the compressed submission weights
-RUN/report.json      the numbers: BPB, bytes, time split, compliance; `evaluations` holds the
-                     scores `pgolf eval` took under other settings
+"""The pipeline stages over a run directory (its files: pgolf.rundir), and `pgolf run` which
+chains them. The compliance record the eval stage writes is pgolf.rules'.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import time
 from pathlib import Path
@@ -22,11 +13,11 @@ from typing import Any
 import torch
 
 import pgolf
-from pgolf.artifact.container import read_artifact, write_artifact
+from pgolf import rules, rundir
+from pgolf.artifact.container import write_artifact
 from pgolf.artifact.int8 import quantize_state_dict_int8
 from pgolf.audit.records import byte_tables_sha256, data_files_record
-from pgolf.audit.verdicts import FAIL, PASS, REPORT_KEYS, ok_of, status_of, time_verdicts
-from pgolf.config import RunConfig, config_from_dict, validate_config
+from pgolf.config import RunConfig
 from pgolf.data.caseops import load_byte_sidecar
 from pgolf.data.dataset import DatasetFiles, check_dataset, resolve_dataset
 from pgolf.data.shards import load_tokens
@@ -34,7 +25,8 @@ from pgolf.data.tokenizer import build_byte_tables
 from pgolf.dist import World, barrier
 from pgolf.errors import PgolfError
 from pgolf.eval.bpb import SidecarBytes, TorchByteTables
-from pgolf.eval.evaluate import evaluate
+from pgolf.eval.evaluate import eval_window_length, evaluate
+from pgolf.eval.normalisation import normalisation_probe
 from pgolf.eval.prequant import prequant_ttt
 from pgolf.eval.request import (
     EvalRequest,
@@ -43,17 +35,15 @@ from pgolf.eval.request import (
     resolve_eval_request,
 )
 from pgolf.eval.score import score_nonoverlapping
-from pgolf.fileio import remove_empty_dirs, writable_dir, write_text_atomic
+from pgolf.fileio import remove_empty_dirs, writable_dir
 from pgolf.model.gpt import GPT
 from pgolf.observe.sinks import open_sinks, require_sinks
-from pgolf.quant.export import dequantize_artifact
+from pgolf.quant.export import load_artifact_model
 from pgolf.quant.pipeline import calibrate, code_budget, export_mixed, fit_log_lines
-from pgolf.runlog import RunLog, code_bytes, imported_source_files
+from pgolf.runlog import RunLog
 from pgolf.safetensors_io import load_safetensors
-from pgolf.train.trainer import WEIGHTS_NAME, Trainer
+from pgolf.train.trainer import Trainer
 
-ARTIFACT_NAME = "artifact.pgolf"
-BYTES_CAP = 16_000_000  # decimal bytes (SPEC §1.2), not 16 MiB
 EXPORT_CODECS = ("int8-zlib", "mixed")
 # The small part of the quantizer report that goes into report.json (the rest: quant_report.json)
 QUANT_SUMMARY_KEYS = (
@@ -80,13 +70,13 @@ def create_run_dir(
     """Write RUN/config.json; returns the directories this made (for `discard_unstarted_run`)."""
     created: list[Path] = []
     if world.is_main:
-        if (run_dir / "config.json").exists() and not overwrite:
+        if (run_dir / rundir.CONFIG).exists() and not overwrite:
             raise PgolfError(
                 f"{run_dir}: a run already exists here; use `pgolf train {run_dir} --resume` or "
                 "choose another --out"
             )
         created = writable_dir(run_dir, "--out")
-        write_text_atomic(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+        rundir.write_json(run_dir / rundir.CONFIG, cfg.to_dict())
     barrier(world)
     return created
 
@@ -97,39 +87,14 @@ def discard_unstarted_run(run_dir: Path, created: list[Path], world: World) -> N
     Its config.json would make the retry refuse ("a run already exists") while `--resume` has no
     checkpoint to go on, so nothing of it may stay. metrics.jsonl is written from step 1 on.
     """
-    if not world.is_main or (run_dir / "metrics.jsonl").exists():
+    if not world.is_main or (run_dir / rundir.METRICS).exists():
         return
     if run_dir in created:  # ours alone: logs, sinks and all
         shutil.rmtree(run_dir, ignore_errors=True)
     else:
-        for name in ("config.json", "train.log"):
+        for name in (rundir.CONFIG, rundir.TRAIN_LOG):
             (run_dir / name).unlink(missing_ok=True)
     remove_empty_dirs(created)
-
-
-def load_run_config(run_dir: Path) -> RunConfig:
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise PgolfError(f"{run_dir}: not a run directory (no config.json)")
-    try:
-        cfg = config_from_dict(json.loads(path.read_text()))
-    except json.JSONDecodeError as exc:
-        raise PgolfError(f"{path}: invalid JSON ({exc})") from None
-    validate_config(cfg)
-    return cfg
-
-
-def read_report(run_dir: Path) -> dict[str, Any]:
-    path = Path(run_dir) / "report.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def update_report(run_dir: Path, world: World, **fields: Any) -> dict[str, Any]:
-    report = read_report(run_dir)
-    report.update(fields)
-    if world.is_main:
-        write_text_atomic(Path(run_dir) / "report.json", json.dumps(report, indent=2) + "\n")
-    return report
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -153,10 +118,6 @@ class EvalData:
             if sidecar is None
             else SidecarBytes(sidecar[: len(self.tokens)], device)
         )
-
-
-def eval_seq_len(cfg: RunConfig) -> int:
-    return cfg.eval.eval_seq_len or cfg.train.train_seq_len
 
 
 def score_without_ttt(
@@ -185,7 +146,7 @@ def periodic_validator(cfg: RunConfig, data: EvalData, world: World):
         sums = score_nonoverlapping(
             model,
             data.tokens,
-            eval_seq_len(cfg),
+            eval_window_length(cfg.eval, cfg.train.train_seq_len),
             cfg.eval.val_batch_tokens,
             data.byte_tables,
             world,
@@ -204,7 +165,7 @@ def train_stage(
     allow_illegal: bool = False,
     loggers: tuple[str, ...] = (),
 ) -> dict:
-    cfg = load_run_config(run_dir)
+    cfg = rundir.load_config(run_dir)
     files = resolve_dataset(cfg.data)
     # Every shard the loader may read, before the clock: a bad one must not surface mid-run.
     check_dataset(files, cfg.data, cfg.model.vocab_size, splits=("train",))
@@ -225,7 +186,7 @@ def train_stage(
             eval_data.tokens,
             cfg.eval,
             world,
-            seq_len=eval_seq_len(cfg),
+            seq_len=eval_window_length(cfg.eval, cfg.train.train_seq_len),
             allow_illegal=allow_illegal,
             progress=echo,
         )
@@ -240,9 +201,9 @@ def train_stage(
         f"{result.train_time_ms / 1000:.1f}s pre_quant val_loss {pre['val_loss']:.4f} "
         f"val_bpb {pre['val_bpb']:.4f}"
     )
-    return update_report(
+    return rundir.update_report(
         run_dir,
-        world,
+        world.is_main,
         steps=result.steps,
         stopped_by=result.stopped_by,
         tokens_seen=result.tokens_seen,
@@ -268,13 +229,13 @@ def export_stage(run_dir: Path, world: World, echo: bool = True) -> dict:
     fit-to-budget, per-section codecs). Calibration that reads training data is timed as
     `calib_time_s` and charged to the training budget.
     """
-    cfg = load_run_config(run_dir)
+    cfg = rundir.load_config(run_dir)
     if cfg.export.codec not in EXPORT_CODECS:
         raise PgolfError(f"unknown export.codec {cfg.export.codec!r}; available: {EXPORT_CODECS}")
-    weights = Path(run_dir) / WEIGHTS_NAME
+    weights = Path(run_dir) / rundir.WEIGHTS
     if not weights.is_file():
         raise PgolfError(f"{weights}: no trained weights; run `pgolf train {run_dir}` first")
-    artifact = Path(run_dir) / ARTIFACT_NAME
+    artifact = Path(run_dir) / rundir.ARTIFACT
     fields: dict[str, Any] = {"codec": cfg.export.codec}
     if cfg.export.codec == "int8-zlib":
         if world.is_main:
@@ -302,21 +263,11 @@ def export_stage(run_dir: Path, world: World, echo: bool = True) -> dict:
             log = RunLog(run_dir, True, echo)
             for line in fit_log_lines(quant):
                 log.text(line)
-            write_text_atomic(
-                Path(run_dir) / "quant_report.json", json.dumps(quant, indent=2) + "\n"
-            )
+            rundir.write_json(Path(run_dir) / rundir.QUANT_REPORT, quant)
             fields["quant"] = {k: v for k, v in quant.items() if k in QUANT_SUMMARY_KEYS}
     barrier(world)
     fields["bytes_model"] = artifact.stat().st_size
-    return update_report(run_dir, world, **fields)
-
-
-def load_artifact_model(run_dir: Path, cfg: RunConfig, device: torch.device) -> GPT:
-    arrays, meta = read_artifact(Path(run_dir) / ARTIFACT_NAME)
-    state = dequantize_artifact(arrays, meta)
-    model = GPT(cfg.model)
-    model.load_state_dict(state, strict=True)
-    return model.to(device)
+    return rundir.update_report(run_dir, world.is_main, **fields)
 
 
 def eval_stage(
@@ -332,19 +283,20 @@ def eval_stage(
     `request` may ask for others (`pgolf eval --stride/--ttt/--val/--set`): that result is
     appended to the report's `evaluations` and returned, the headline left as it was.
     """
-    cfg = load_run_config(run_dir)
+    cfg = rundir.load_config(run_dir)
     files = resolve_dataset(cfg.data)
     request = request or EvalRequest()
     ev, eval_files = resolve_eval_request(cfg, files, request)
     own = ev == cfg.eval and eval_files.val == files.val
-    if not (Path(run_dir) / ARTIFACT_NAME).is_file():
-        raise PgolfError(f"{run_dir}/{ARTIFACT_NAME}: no artifact; run `pgolf run` or export first")
+    artifact = Path(run_dir) / rundir.ARTIFACT
+    if not artifact.is_file():
+        raise PgolfError(f"{artifact}: no artifact; run `pgolf run` or export first")
     log = RunLog(
         run_dir, world.is_main, echo, open_sinks(loggers, run_dir) if world.is_main else ()
     )
     eval_data = EvalData(dataclasses.replace(cfg, eval=ev), eval_files, world.device)
     t0 = time.perf_counter()
-    model = load_artifact_model(run_dir, cfg, world.device)
+    model = load_artifact_model(artifact, cfg.model, world.device)
     result = evaluate(
         model,
         eval_data.tokens,
@@ -355,8 +307,10 @@ def eval_stage(
         progress=echo,
         started_at=t0,
     )
-    report = read_report(run_dir)
-    bytes_code = code_bytes(imported_source_files())
+    report = rundir.read_report(run_dir)
+    cut = f"eval.max_val_tokens={ev.max_val_tokens} cut the stream"
+    cut = None if eval_data.covers_all else cut
+    bytes_code, _ = rules.shipped_code_bytes(cfg.to_dict())
     fields = dict(
         val_loss=result["val_loss"],
         val_bpb=result["val_bpb"],
@@ -366,6 +320,9 @@ def eval_stage(
         eval_seq_len=result["eval_seq_len"],
         eval_stride=result["eval_stride"],
         coverage=result["coverage"],
+        scorable_targets=result["scorable_targets"],
+        ledger_targets=result["ledger_targets"],
+        partial_reason="; ".join(filter(None, (result["partial_reason"], cut))) or None,
         eval_time_s=result["time"]["total_s"],
         eval_time=result["time"],
         eval_device=str(world.device),
@@ -376,16 +333,19 @@ def eval_stage(
         temperature=result["temperature"],
         byte_tables_sha256=eval_data.byte_tables_sha256,
     )
-    rules = {**compliance({**report, **fields}), **result["compliance"]}
-    if not eval_data.covers_all:
-        rules["full_validation_coverage"] = {
-            "ok": False,
-            "detail": f"eval.max_val_tokens={ev.max_val_tokens} cut the validation stream",
-        }
-    if report.get("prequant_ttt"):
-        rules["score_first"] = {"ok": False, "detail": report["prequant_ttt"]["reason"]}
-    for entry in rules.values():  # every entry speaks the audit's pass / fail / unproven
-        entry.setdefault("status", status_of(entry))
+    if world.is_main:
+        # C2 on the model just scored; a check, not scoring, so after the eval clock. One
+        # process: the probe's scorer would split its single window over the ranks.
+        fields["normalisation"] = normalisation_probe(
+            model,
+            eval_data.tokens,
+            result["eval_seq_len"],
+            ev.temperature,
+            cfg.model.vocab_size,
+            eval_data.byte_tables,
+            dataclasses.replace(world, rank=0, world_size=1),
+        )
+    compliance = rules.compliance({**report, **fields}, cfg)
     score = (
         f"{result['eval_mode']} val_loss {result['val_loss']:.6f} val_bpb {result['val_bpb']:.6f}"
         + (" (score-first TTT, s_0)" if result["ttt"] else "")
@@ -395,7 +355,7 @@ def eval_stage(
             eval_mode=result["eval_mode"], val_loss=result["val_loss"], val_bpb=result["val_bpb"]
         )
         log.text(f"final artifact {score}")
-        return update_report(run_dir, world, **fields, compliance=rules)
+        return rundir.update_report(run_dir, world.is_main, **fields, compliance=compliance)
     evaluations = list(report.get("evaluations", []))
     evaluation = {
         "evaluation": len(evaluations) + 1,
@@ -403,7 +363,7 @@ def eval_stage(
         "settings": changed_settings(cfg.eval, ev),
         "val_files": [str(p.resolve()) for p in eval_files.val],
         **fields,
-        "compliance": rules,
+        "compliance": compliance,
     }
     # `evaluation` keeps this score apart from the run's own in readers of metrics.jsonl.
     log.metrics(
@@ -414,18 +374,8 @@ def eval_stage(
     )
     asked = describe_request(evaluation["request"])
     log.text(f"evaluation {evaluation['evaluation']} ({asked}): {score}")
-    update_report(run_dir, world, evaluations=[*evaluations, evaluation])
+    rundir.update_report(run_dir, world.is_main, evaluations=[*evaluations, evaluation])
     return evaluation
-
-
-def compliance(report: dict) -> dict[str, dict[str, Any]]:
-    """The byte and time rules of a report; `ok` is null where the status is "unproven"."""
-    size = PASS if report["bytes_total"] <= BYTES_CAP else FAIL
-    detail = f"{report['bytes_total']:,} of {BYTES_CAP:,} decimal bytes"
-    rules = {"artifact_under_16mb": {"ok": ok_of(size), "status": size, "detail": detail}}
-    for rule, v in time_verdicts(report).items():
-        rules[REPORT_KEYS[rule]] = {"ok": ok_of(v["status"]), **v}
-    return rules
 
 
 def run_pipeline(

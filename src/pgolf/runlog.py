@@ -19,19 +19,10 @@ import torch
 
 import pgolf
 from pgolf.fileio import write_text_atomic
+from pgolf.rundir import METRICS, TRAIN_LOG
 
 if TYPE_CHECKING:
     from pgolf.observe.sinks import MetricSink
-
-
-def imported_source_files() -> list[Path]:
-    """The pgolf source files loaded in this process, sorted (what a submission would ship)."""
-    files = set()
-    for name, module in list(sys.modules.items()):
-        path = getattr(module, "__file__", None)
-        if (name == "pgolf" or name.startswith("pgolf.")) and path and path.endswith(".py"):
-            files.add(Path(path).resolve())
-    return sorted(files)
 
 
 def package_source_files() -> list[Path]:
@@ -72,7 +63,7 @@ class RunLog:
         """Append to train.log; also to stderr unless the log is quiet or `echo` is False."""
         if not self.enabled:
             return
-        with open(self.run_dir / "train.log", "a", encoding="utf-8") as f:
+        with open(self.run_dir / TRAIN_LOG, "a", encoding="utf-8") as f:
             f.write(message + "\n")
         if self.echo and echo:
             print(message, file=sys.stderr, flush=True)
@@ -81,7 +72,7 @@ class RunLog:
         if not self.enabled:
             return
         record.setdefault("time", round(time.time(), 3))
-        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+        with open(self.run_dir / METRICS, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         for sink in self.sinks:
             sink.log(record)
@@ -89,7 +80,7 @@ class RunLog:
     def drop_metrics_after(self, step: int) -> None:
         """Forget records of steps past `step` (a resumed run trains them again), so each step
         has one record and a plot of the resumed run has no zig-zag."""
-        path = self.run_dir / "metrics.jsonl"
+        path = self.run_dir / METRICS
         if not self.enabled or not path.is_file():
             return
         lines = path.read_text(encoding="utf-8").splitlines(keepends=True)

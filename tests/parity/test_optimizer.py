@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pgolf.model.roles import params_by_role
+from pgolf.train.muon import Muon
 from pgolf.train.optim import (
     build_optimizers,
     clip_grads,
@@ -175,3 +176,55 @@ def test_five_steps_from_the_same_weights_and_gradients_give_the_same_weights(se
     theirs = unbank(mod, ref.state_dict())
     for name, value in model.state_dict().items():
         assert_close(f"{preset} {name} after {len(STEPS)} steps", value, theirs[name], atol=1e-6)
+
+
+BANKED = ("pr549", "pr1019", "pr1060", "seed-p1351")
+
+
+def test_the_banked_presets_keep_muon_state_in_bf16_on_cuda_and_share_one_muon():
+    """One check for the four: their scripts' Parallel Muon and Newton–Schulz are one code."""
+    import ast
+
+    from tests.parity.official import reference_path
+
+    def tree(script: str, name: str) -> str:
+        body = ast.parse(reference_path(script).read_text()).body
+        return next(ast.dump(n) for n in body if getattr(n, "name", None) == name)
+
+    scripts = [PRESET_SCRIPT[p] for p in BANKED]
+    for name in ("Muon", "zeropower_via_newtonschulz5"):
+        assert len({tree(s, name) for s in scripts}) == 1, f"{name} differs among {scripts}"
+    assert all(pgolf_config(p).train.muon_bf16_state == "cuda" for p in BANKED)
+
+
+def test_bf16_muon_state_steps_as_the_banked_scripts_own_bf16_muon():
+    """`train.muon_bf16_state`, forced on: pgolf's Muon keeps the gradient copy, momentum and
+    Newton–Schulz in bf16 as S549's Parallel Muon does, here run as written (no fp32 shim). Only
+    Muon steps, so Adam's fp32 arithmetic is apart. Three steps: CPU bf16 matmuls are emulated."""
+    mod, cfg = load_script(PRESET_SCRIPT["pr549"]), pgolf_config("pr549")
+    cfg.train.muon_bf16_state = "on"
+    torch.manual_seed(1)
+    ref = official_model(mod)
+    model = pgolf_model_like(cfg, mod, ref)
+    theirs_opt = official_optimizers(mod, ref)["muon"]
+    ours_opt = next(o for o in build_optimizers(model, cfg.train, True) if isinstance(o, Muon))
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for step, scale in zip(STEPS[1:4], LR_SCALES[1:4], strict=True):
+            grads = {
+                n: torch.randn(p.shape, generator=gen) * 1e-2 for n, p in model.named_parameters()
+            }
+            banked = rebank(mod, grads, ref)
+            for name, p in ref.named_parameters():
+                p.grad = banked[name].clone()
+            for name, p in model.named_parameters():
+                p.grad = grads[name].clone()
+            for opt, momentum in ((theirs_opt, _official_momentum(mod.args, step)),
+                                  (ours_opt, muon_momentum_at(step, cfg.train))):  # fmt: skip
+                for group in opt.param_groups:
+                    group["momentum"], group["lr"] = momentum, group["base_lr"] * scale
+            theirs_opt.step()
+            ours_opt.step()
+    theirs = unbank(mod, ref.state_dict())
+    for name, value in model.state_dict().items():
+        assert_close(f"pr549 {name} after bf16 Muon", value, theirs[name], atol=1e-6)

@@ -24,7 +24,8 @@ class ExportConfig:
     embed_bits: int = env_field("EMBED_BITS", 8)  # the tied embedding (also the output head)
     head_bits: int = 8  # an untied output head
     keep_float_max_numel: int = 65536  # tensors this small are stored float16
-    # comma-separated `glob=spec`, spec one of fp16 | int5..int8 [+gptq|-gptq], first match wins
+    # comma-separated `glob=spec`, spec one of fp16 | int5..int8 [+gptq|-gptq] [:clip], first
+    # match wins; TOP's int8 gate: "*.attn.gate_w=int8-gptq:rowmax"
     quant_overrides: str = ""
     # -- clipping (SPEC §5.20, §5.22): percentile | search | search-gptq | sdclip | hsdclip | rowmax
     matrix_clip: str = "sdclip"
@@ -48,6 +49,17 @@ class ExportConfig:
     gptq_feedback: str = "cholesky"  # cholesky (exact) | raw (P610/P578/P1004's H^-1 rows)
     gptq_refit_scales: bool = False  # P610's per-row least-squares scale refit
     prune_pct: float = env_field("PRUNE_PCT", 0.0)  # pre-quant magnitude pruning, % per matrix
+    # -- LQER (SPEC §5.19, §5.31): rank-r SVD of the quantisation error W − deq(Q) on the top-k
+    # matrices by ‖W − deq(Q)‖_F, stored as quantised factors; TOP: rank 4, top 3, asymmetric --
+    lqer: bool = env_field("LQER_ENABLED", False)
+    lqer_rank: int = env_field("LQER_RANK", 4)
+    lqer_top_k: int = env_field("LQER_TOP_K", 3)
+    # asymmetric: A int2 [-2, 1] one scale per matrix, B int4 [-8, 7] per group of lqer_asym_group
+    # entries; symmetric (or when B's size is not a multiple of the group): both ±(2^(b-1) - 1)
+    # per row with b = lqer_factor_bits
+    lqer_asymmetric: bool = env_field("LQER_ASYM_ENABLED", True)
+    lqer_asym_group: int = env_field("LQER_ASYM_GROUP", 64)
+    lqer_factor_bits: int = env_field("LQER_FACTOR_BITS", 4)
     # -- calibration (SPEC §1.3, §5.21, §5.23); never validation data --
     calib_source: str = "train"  # train | selfgen
     calib_batches: int = env_field("GPTQ_CALIBRATION_BATCHES", 64)
@@ -62,7 +74,6 @@ class ExportConfig:
     compressor: str = env_field("COMPRESSOR", "auto")  # auto | rans | zstd | lzma | brotli | ...
     target_bytes: int = 0  # model-byte target; 0 = 16,000,000 - code bytes (decimal)
     # The code bytes that target leaves room for: a record preset declares its own script's size
-    # (what would ship); 0 = measure by `code_measure`.
+    # (what would ship); 0 = the train_gpt.py `pgolf export` ships (report.json's bytes_code).
     code_bytes: int = 0
-    code_measure: str = "imported"  # imported (pgolf files loaded) | exported | exported-lzma
     fit_prune: str = "pm1"  # pm1 (±1 entries, Hessian-weighted) | magnitude | none

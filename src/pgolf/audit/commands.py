@@ -23,7 +23,7 @@ def format_audit(result: dict) -> str:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from pgolf.audit.rules import audit_run
+    from pgolf.audit.checks import audit_run
 
     results = [audit_run(run) for run in args.runs]
     if args.json:
@@ -45,7 +45,6 @@ def cmd_export(args: argparse.Namespace) -> int:
         github_id=args.github_id,
         name=args.name,
         blurb=args.blurb,
-        compress=args.compress,
     )
     if args.json:
         print(json.dumps(result, sort_keys=True))
@@ -84,11 +83,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--github-id", help="your GitHub user name (default: none)")
     p.add_argument("--name", help="submission name (default: pgolf PRESET)")
     p.add_argument("--blurb", help="one-paragraph description")
-    p.add_argument(
-        "--compress",
-        action="store_true",
-        help="ship train_gpt.py as an lzma+base85 self-extracting stub (SPEC §1.2)",
-    )
     _add_json(p)
     p.set_defaults(func=cmd_export)
 

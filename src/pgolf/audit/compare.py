@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from pgolf.audit.rules import load_run
+from pgolf import rundir
 from pgolf.audit.stats import mean_std, t_sf, welch_t_test
 from pgolf.errors import PgolfError
 
@@ -29,7 +29,7 @@ def load_seed_runs(runs: list[str | Path], same_config: bool = True) -> list[dic
     """One row per run; refuses runs whose configs differ other than by seed, or repeat a seed."""
     rows, first = [], None
     for run in runs:
-        cfg, report = load_run(Path(run))
+        cfg, report = rundir.load_evaluated(Path(run))
         if same_config:
             mine = _config_without_seed(cfg)
             if first is None:

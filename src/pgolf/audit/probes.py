@@ -1,4 +1,5 @@
-"""Dynamic probes of SPEC §1.4 C1–C4 on the artifact model: run it, do not read its source.
+"""Dynamic probes of SPEC §1.4 C1, C3 and C4 on the artifact model: run it, do not read its
+source. C2, which the run itself also checks, is pgolf.eval.normalisation.
 
 Each probe returns `{"ok": bool, "detail": str, ...numbers}`. A probe that could not show the
 property it tests (for example a model whose outputs never change) says so rather than passing.
@@ -11,40 +12,21 @@ import dataclasses
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pgolf.dist import World
 from pgolf.eval.bpb import TorchByteTables
 from pgolf.eval.budget import EvalClock
 from pgolf.eval.config import EvalConfig
-from pgolf.eval.scorer import WindowScorer
+from pgolf.eval.normalisation import eval_logits
 from pgolf.eval.ttt import score_first_ttt
 from pgolf.eval.windows import build_tiling
 
 # fp32 log-probabilities of a causal model are bitwise equal on a shared prefix on CPU; bf16
 # autocast on CUDA can change kernel choice with sequence content, so leave room for that.
 CAUSAL_TOL = 1e-4
-MASS_TOL = 1e-4
 # The poison probe's prefix: three chunks of at most this many targets keep it to seconds on a
 # GPU for the record-size models while still crossing two chunk boundaries.
 POISON_MAX_CHUNK = 8192
-
-
-def scored_nll(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Per-position NLL exactly as pgolf.eval's scorer computes it (full softmax at T)."""
-    if temperature != 1.0:
-        logits = logits / temperature
-    return F.cross_entropy(logits.float(), targets, reduction="none")
-
-
-@torch.no_grad()
-def _logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    was_training = model.training
-    model.eval()
-    try:
-        return model(x).float()
-    finally:
-        model.train(was_training)
 
 
 def _random_other_tokens(x: torch.Tensor, vocab: int, gen: torch.Generator) -> torch.Tensor:
@@ -70,13 +52,13 @@ def causality_probe(
     length = min(seq_len, len(tokens))
     x = torch.as_tensor(np.asarray(tokens[:length], dtype=np.int64), device=device)[None]
     gen = torch.Generator().manual_seed(seed)
-    base = torch.log_softmax(_logits(model, x) / temperature, dim=-1)
+    base = torch.log_softmax(eval_logits(model, x) / temperature, dim=-1)
     worst_past, least_future = 0.0, float("inf")
     cuts = sorted({max(1, length * k // 4) for k in (1, 2, 3)})
     for p in cuts:
         poked = x.clone()
         poked[:, p:] = _random_other_tokens(x[:, p:], vocab, gen)
-        moved = torch.log_softmax(_logits(model, poked) / temperature, dim=-1)
+        moved = torch.log_softmax(eval_logits(model, poked) / temperature, dim=-1)
         worst_past = max(worst_past, float((moved[:, :p] - base[:, :p]).abs().max()))
         least_future = min(least_future, float((moved[:, p:] - base[:, p:]).abs().max()))
     ok = worst_past <= CAUSAL_TOL and least_future > CAUSAL_TOL
@@ -87,50 +69,6 @@ def causality_probe(
     if least_future <= CAUSAL_TOL:
         detail += " — the model ignores its input, so the probe shows nothing"
     return {"ok": ok, "detail": detail, "max_past_shift": worst_past}
-
-
-def normalisation_probe(
-    model: torch.nn.Module,
-    tokens: np.ndarray,
-    seq_len: int,
-    temperature: float,
-    vocab: int,
-    byte_tables: TorchByteTables,
-    world: World,
-    positions: int = 4,
-) -> dict:
-    """C2: the scored probabilities of all V candidate targets sum to 1 at sampled positions.
-
-    The candidates go through `scored_nll`, the scorer's rule; a second check ties that rule to
-    the real scorer: pgolf.eval's WindowScorer must report the same nats on the probe window.
-    """
-    length = min(seq_len, len(tokens) - 1)
-    window = np.asarray(tokens[: length + 1], dtype=np.int64)
-    x = torch.as_tensor(window[:-1], device=world.device)[None]
-    y = torch.as_tensor(window[1:], device=world.device)
-    logits = _logits(model, x)[0]
-    candidates = torch.arange(logits.size(-1), device=world.device)
-    worst = 0.0
-    for pos in np.linspace(0, length - 1, num=min(positions, length)).astype(int).tolist():
-        rows = logits[pos].expand(len(candidates), -1)
-        mass = float(torch.exp(-scored_nll(rows, candidates, temperature).double()).sum())
-        worst = max(worst, abs(mass - 1.0)) if np.isfinite(mass) else float("inf")
-    probe_nats = float(scored_nll(logits, y, temperature).double().sum())
-    tiling = build_tiling(window, length, "nonoverlapping", length, False)
-    scorer = WindowScorer(model, window, tiling, byte_tables, world, 1, temperature)
-    acc, _ = scorer.score_range(0, len(tiling))
-    scorer_nats = float(acc[0])
-    # bf16 autocast on CUDA makes the scorer's logits differ slightly from the fp32 probe
-    rel_tol = 1e-2 if world.is_cuda else 1e-5
-    same = abs(scorer_nats - probe_nats) <= rel_tol * max(abs(probe_nats), 1.0)
-    vocab_ok = logits.size(-1) >= vocab
-    ok = worst <= MASS_TOL and same and vocab_ok
-    detail = (
-        f"probability mass over {logits.size(-1)} candidates (tokenizer vocab {vocab}) is 1 "
-        f"within {worst:.1e} at temperature {temperature:g}; scorer nats {scorer_nats:.6f} vs "
-        f"softmax rule {probe_nats:.6f} on a {length}-token window"
-    )
-    return {"ok": ok, "detail": detail, "max_mass_error": worst}
 
 
 def poison_probe(

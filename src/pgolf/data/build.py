@@ -275,9 +275,9 @@ def _write_shards(
     writers = {
         "val": ShardWriter(out, "val", shard_tokens),
         "train": ShardWriter(out, "train", shard_tokens),
-        # Split at the same token counts as the val writer, so sidecar i pairs with val shard i.
-        BYTE_SIDECAR: ShardWriter(out, BYTE_SIDECAR, shard_tokens),
     }
+    if caseops:  # split at the val writer's token counts, so sidecar i pairs with val shard i
+        writers[BYTE_SIDECAR] = ShardWriter(out, BYTE_SIDECAR, shard_tokens)
     doc_counts = {"val": 0, "train": 0}
     original_bytes = 0
     bar = progress_bar(desc="tokenizing", enabled=progress, unit=" docs")

@@ -2,8 +2,8 @@
 
 `evaluate` is what the pipeline calls on the dequantised artifact model. It returns one JSON-ready
 dict: the reported numbers (for TTT: the first-pass sums s_0), coverage, the time split since
-loading, the TTT settings with bpb_before/bpb_after, and compliance flags in the report's
-`name → {ok, detail}` form.
+loading, the TTT settings with bpb_before/bpb_after, and the evidence pgolf.rules decides the
+scoring rules from (targets scorable, targets the ledger saw scored once, what cut it short).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pgolf.eval.scorer import (
     sums_from_tensor,
 )
 from pgolf.eval.ttt import TTTResult, score_first_ttt
-from pgolf.eval.windows import Tiling, build_tiling, document_starts
+from pgolf.eval.windows import build_tiling, document_starts
 from pgolf.progress import progress_bar
 
 # Refresh the running BPB every this many batches: reading it forces a device sync.
@@ -81,41 +81,6 @@ def score_plain(
 
 def _ttt_settings(cfg: EvalConfig) -> dict:
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k.startswith("ttt_")}
-
-
-def _compliance(
-    cfg: EvalConfig, sums: BpbSums, ledger: ScoredLedger, tiling: Tiling, partial: str | None
-) -> dict:
-    trimmed = tiling.num_targets - tiling.num_scored
-    coverage_detail = (
-        f"{sums.tokens / max(tiling.num_targets, 1):.4%} of {tiling.num_targets:,} targets scored"
-    )
-    if trimmed and partial is None:
-        coverage_detail += f" ({trimmed:,} tail targets trimmed, as the official §3.5 eval)"
-    return {
-        "score_first": {
-            "ok": True,
-            "detail": (
-                "s_0 only: each chunk scored before any update on it (ledger-enforced); "
-                "last chunk not trained; nothing rescored"
-                if cfg.ttt_enabled
-                else "no test-time training"
-            ),
-        },
-        "scored_exactly_once": {
-            "ok": ledger.count == int(sums.tokens),
-            "detail": f"ledger: {ledger.count:,} targets, each scored once",
-        },
-        "full_softmax": {"ok": True, "detail": "cross entropy over all vocabulary logits"},
-        "temperature_one": {
-            "ok": cfg.temperature == 1.0,
-            "detail": f"logits divided by {cfg.temperature:g}",
-        },
-        "full_validation_coverage": {
-            "ok": partial is None,
-            "detail": coverage_detail if partial is None else f"{coverage_detail}; {partial}",
-        },
-    }
 
 
 def evaluate(
@@ -208,6 +173,9 @@ def evaluate(
         "val_bytes": int(sums.bytes),
         "val_nats": sums.nats,
         "stream_targets": tiling.num_targets,
+        # the evidence of pgolf.rules' coverage and scored-once verdicts
+        "scorable_targets": tiling.num_scored,
+        "ledger_targets": ledger.count,
         "windows": len(tiling),
         "coverage": coverage,
         "partial": partial is not None,
@@ -215,7 +183,6 @@ def evaluate(
         "time": clock.record(),
         "documents": documents.summary() if documents is not None else None,
         "ttt": None,
-        "compliance": _compliance(cfg, sums, ledger, tiling, partial),
     }
     if ttt is not None:
         result["ttt"] = {

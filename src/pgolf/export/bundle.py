@@ -1,11 +1,15 @@
 """The single-file `train_gpt.py` of a submission (SPEC §1.2, §1.6), generated from pgolf itself.
 
-The script embeds the source of every pgolf module the pipeline can import (found by walking
-`import` statements from `pgolf.run`, including imports inside functions), serves them from a
-meta-path finder under their pgolf names, and runs `pgolf.run.run_pipeline` with the run's
+The script embeds the pgolf code its entry (`main` below) reaches (`pgolf.export.reach`: the
+top-level definitions the pipeline can call, imports cut to the names used), serves each module
+from a meta-path finder under its pgolf name, and runs `pgolf.run.run_pipeline` with the run's
 config baked in. Nothing is fetched and no installed pgolf is used: the finder claims the whole
 `pgolf` namespace and refuses a module it does not carry. Every bundled module's `__file__` is
 the script itself, so the pipeline's own `code_bytes` counts exactly the file that ships.
+
+Two forms come from one walk: the readable script (each kept statement as written, comments and
+docstrings included) and the shipped one, which is the readable one minified (`reach.minify`)
+behind an lzma + base85 stub (the S1413 record's form).
 """
 
 from __future__ import annotations
@@ -14,64 +18,57 @@ import ast
 import base64
 import json
 import lzma
-from pathlib import Path
+from collections.abc import Callable
 
 import pgolf
+from pgolf.export.reach import Reach, minify, reach
 
-ENTRY_MODULES = ("pgolf.run", "pgolf.config", "pgolf.dist")
-PACKAGE_ROOT = Path(pgolf.__file__).resolve().parent
-
-
-def module_path(name: str) -> Path | None:
-    """The source file of pgolf module `name` (a package's `__init__.py`), or None."""
-    rel = Path(*name.split(".")[1:])
-    package = PACKAGE_ROOT / rel / "__init__.py"
-    if package.is_file():
-        return package
-    module = (PACKAGE_ROOT / rel).with_suffix(".py")
-    return module if name != "pgolf" and module.is_file() else None
-
-
-def _imports_of(name: str, path: Path) -> set[str]:
-    """pgolf modules named by `import` statements anywhere in the file (lazy ones included)."""
-    is_package = path.name == "__init__.py"
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            found.update(a.name for a in node.names if a.name.split(".")[0] == "pgolf")
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:  # relative: resolve against this module's package
-                parts = name.split(".")[: len(name.split(".")) - node.level + is_package]
-                base = ".".join(parts + ([base] if base else []))
-            if base.split(".")[0] != "pgolf":
-                continue
-            found.add(base)
-            # `from pgolf.eval import ttt` names a submodule, not an attribute
-            found.update(f"{base}.{a.name}" for a in node.names if module_path(f"{base}.{a.name}"))
-    return found
+# Modules only a technique switched off calls: the settings that switch it, and the test over
+# their values that says it is off. The script carries a stand-in for each such module that raises
+# on any use, and refuses an environment override of those settings, so a wrong test fails the run
+# loudly rather than changing it. Only the score-first TTT and the illegal pre-quant TTT run
+# pgolf.eval.ttt; only `export.codec = "mixed"` runs the GPTQ pipeline; QAT is built only when it
+# can switch on.
+UNUSED_WHEN: dict[str, tuple[tuple[str, ...], Callable[..., bool]]] = {
+    "pgolf.eval.ttt": (
+        ("eval.ttt_enabled", "eval.prequant_ttt_enabled"),
+        lambda ttt, prequant: not (ttt or prequant),
+    ),
+    "pgolf.eval.prequant": (("eval.prequant_ttt_enabled",), lambda prequant: not prequant),
+    "pgolf.quant.pipeline": (("export.codec",), lambda codec: codec != "mixed"),
+    "pgolf.train.qat": (
+        ("train.qat_enabled", "train.late_qat_threshold"),
+        lambda qat, late: not qat and late <= 0,
+    ),
+}
 
 
-def bundled_modules(entries: tuple[str, ...] = ENTRY_MODULES) -> dict[str, Path]:
-    """Every pgolf module reachable from `entries`, with the packages that contain them."""
-    todo, seen = list(entries), {}
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        path = module_path(name)
-        if path is None:
-            raise ValueError(f"{name}: no such pgolf module")
-        seen[name] = path
-        parts = name.split(".")
-        todo.extend(".".join(parts[:i]) for i in range(1, len(parts)))
-        todo.extend(_imports_of(name, path))
-    return dict(sorted(seen.items()))
+def _setting(config: dict, key: str):
+    section, name = key.split(".")
+    return config[section][name]
+
+
+def unused_settings(config: dict) -> dict[str, dict]:
+    """Module left out → the settings (key → value) that leave it out, for `config`."""
+    out = {}
+    for module, (keys, off) in UNUSED_WHEN.items():
+        values = {k: _setting(config, k) for k in keys}
+        if off(*values.values()):
+            out[module] = values
+    return out
+
+
+def bundled_code(config: dict) -> Reach:
+    """The walk from the script's entry under `config` (the run's `RunConfig.to_dict`)."""
+    return reach(_TAIL, frozenset(unused_settings(config)))
+
+
+_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
 
 
 def _literal(text: str) -> str:
     """A Python literal for `text`: a readable raw triple-quoted string when that is exact."""
-    if "'''" not in text and not text.endswith("\\") and "\r" not in text:
+    if "'''" not in text and not text.endswith(("\\", "'")) and "\r" not in text:
         literal = "r'''" + text + "'''"
         if ast.literal_eval(literal) == text:
             return literal
@@ -86,8 +83,9 @@ Trains, quantizes, packs and evaluates exactly as `pgolf run` did with the confi
   python train_gpt.py                                         (one device, or CPU)
 Environment: DATA_PATH (dataset directory with fineweb_{{train,val}}_*.bin, default ./data),
 TOKENIZER_PATH (default DATA_PATH/tokenizer.model), RUN_DIR (default ./run_seed<SEED>), and
-the upstream names pgolf maps (SEED, ITERATIONS, ...). The pgolf modules the pipeline uses are
-embedded below and served under their own names; nothing is installed or fetched.
+the upstream names pgolf maps (SEED, ITERATIONS, ...), except those of FIXED. The pgolf code
+the pipeline runs is embedded below and served under its own module names; nothing is
+installed or fetched.
 """
 
 import importlib.abc
@@ -100,6 +98,9 @@ CONFIG = json.loads(
     {config}
 )
 ALLOW_ILLEGAL = {allow_illegal}
+# settings that leave a module out of this script (STAND_INS): an override may not change them
+FIXED = {fixed!r}
+STAND_INS = {stand_ins!r}
 PACKAGES = {packages!r}
 SCRIPT = os.path.abspath(__file__)
 SOURCES = {{}}
@@ -107,13 +108,36 @@ SOURCES = {{}}
 
 _TAIL = '''
 
+class Unused:
+    """A name of a module this script leaves out; calling it or reading from it is an error."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError(f"{self.name} is not bundled in {SCRIPT}")
+
+    __getattr__ = __call__
+
+
+def stand_in(module):
+    """A left-out module's __getattr__: its names import (as Unused), its dunders do not exist."""
+
+    def __getattr__(attr):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return Unused(f"{module}.{attr}")
+
+    return __getattr__
+
+
 class BundledPgolf(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Serves the embedded modules; any other pgolf module is an error, never the installed one."""
 
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] != "pgolf":
             return None
-        if name not in SOURCES:
+        if name not in SOURCES and name not in STAND_INS:
             raise ImportError(f"{name} is not bundled in {SCRIPT}")
         return importlib.util.spec_from_loader(
             name, self, origin=SCRIPT, is_package=name in PACKAGES
@@ -125,8 +149,11 @@ class BundledPgolf(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def exec_module(self, module):
         # __file__ = this script, so pgolf's code_bytes counts the file that ships
         module.__file__ = SCRIPT
-        code = compile(SOURCES[module.__name__], f"{SCRIPT}::{module.__name__}", "exec")
-        exec(code, module.__dict__)
+        name = module.__name__
+        if name in STAND_INS:
+            module.__getattr__ = stand_in(name)
+            return
+        exec(compile(SOURCES[name], f"{SCRIPT}::{name}", "exec"), module.__dict__)
 
 
 def main():
@@ -141,6 +168,10 @@ def main():
     cfg.data.path, cfg.data.tokenizer, cfg.data.train_glob, cfg.data.val_glob = "./data", "", "", ""
     apply_overrides(cfg, [f"{s}.{k}={v}" for s, k, v in env_overrides()])
     validate_config(cfg)
+    for key, value in FIXED.items():
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) != value:
+            sys.exit(f"{key} is fixed at {value!r} here: code for another value is not bundled")
     run_dir = Path(os.environ.get("RUN_DIR", f"run_seed{cfg.train.seed}"))
     world = init_world()
     try:
@@ -158,36 +189,48 @@ if __name__ == "__main__":
 '''
 
 
-def bundle_script(config: dict) -> str:
-    """The text of the self-contained script for a run's resolved config (`RunConfig.to_dict`)."""
-    modules = bundled_modules()
-    packages = sorted(n for n, p in modules.items() if p.name == "__init__.py")
+def bundle_script(config: dict, readable: bool = False) -> str:
+    """The self-contained script for a run's resolved config (`RunConfig.to_dict`).
+
+    The minified form by default (what `compress_script` wraps); `readable` keeps every kept
+    statement as written. Each module the default form embeds is its readable text minified.
+    """
+    code = bundled_code(config)
+    fixed = {k: v for values in unused_settings(config).values() for k, v in values.items()}
     allow = bool(config.get("illegal")) or bool(
         config.get("eval", {}).get("prequant_ttt_enabled", False)
     )
-    parts = [
-        _HEAD.format(
-            version=pgolf.__version__,
-            config=_literal(json.dumps(config, indent=1, sort_keys=True)),
-            allow_illegal=allow,
-            packages=packages,
-        )
-    ]
-    for name, path in modules.items():
-        parts.append(f"\nSOURCES[{name!r}] = {_literal(path.read_text(encoding='utf-8'))}\n")
+    head = _HEAD.format(
+        version=pgolf.__version__,
+        config=_literal(json.dumps(config, indent=1, sort_keys=True)),
+        allow_illegal=allow,
+        fixed=dict(sorted(fixed.items())),
+        stand_ins=sorted(code.stand_ins),
+        packages=code.packages,
+    )
+    parts = [head]
+    for name, source in code.readable().items():
+        parts.append(f"\nSOURCES[{name!r}] = {_literal(source if readable else minify(source))}\n")
     parts.append(_TAIL)
-    return "".join(parts)
+    script = "".join(parts)
+    return script if readable else minify(script)
 
 
 def compress_script(script: str) -> str:
-    """The self-extracting form of SPEC §1.2: lzma (xz, preset 9e) + base85 in a two-line stub.
+    """The self-extracting form of SPEC §1.2: raw LZMA2 (as S1413) + base85 in a two-line stub.
 
     exec() runs the source in the stub's own globals, so `__file__` is the stub and the
     pipeline's code_bytes counts the stub, which is what ships.
     """
-    blob = lzma.compress(script.encode("utf-8"), preset=9 | lzma.PRESET_EXTREME)
+    blob = lzma.compress(script.encode("utf-8"), format=lzma.FORMAT_RAW, filters=_FILTERS)
     payload = base64.b85encode(blob).decode("ascii")
     return (
         "import base64,lzma\n"
-        f'exec(compile(lzma.decompress(base64.b85decode("{payload}")),__file__,"exec"))\n'
+        f'exec(compile(lzma.decompress(base64.b85decode("{payload}"),format=lzma.FORMAT_RAW,'
+        'filters=[{"id":lzma.FILTER_LZMA2}]),__file__,"exec"))\n'
     )
+
+
+def shipped_script(config: dict) -> str:
+    """The `train_gpt.py` `pgolf export` ships: its size is the submission's code bytes."""
+    return compress_script(bundle_script(config))

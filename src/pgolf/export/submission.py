@@ -2,7 +2,8 @@
 
 README.md (techniques with SPEC references, per-seed results, compliance), submission.json,
 train_seed<S>.log per run, requirements.txt, and the single-file train_gpt.py of
-`pgolf.export.bundle`, whose size is `bytes_code`.
+`pgolf.export.bundle` (lzma-wrapped), whose size is `bytes_code`, with its readable form
+train_gpt_readable.py beside it.
 """
 
 from __future__ import annotations
@@ -18,21 +19,13 @@ from pathlib import Path
 import torch
 
 import pgolf
+from pgolf import rundir
 from pgolf.audit.compare import load_seed_runs
-from pgolf.audit.rules import BYTES_CAP, load_run
-from pgolf.audit.verdicts import (
-    FAIL,
-    PASS,
-    REPORT_KEYS,
-    combined,
-    ok_of,
-    status_of,
-    time_verdicts,
-)
 from pgolf.config import load_preset
 from pgolf.errors import PgolfError
-from pgolf.export.bundle import bundle_script, bundled_modules, compress_script
+from pgolf.export.bundle import bundle_script, bundled_code, shipped_script
 from pgolf.fileio import writable_dir, write_text_atomic
+from pgolf.rules import BYTES_CAP, FAIL, PASS, artifact_size, combined, ok_of, status_of
 
 # config keys that switch a technique on, with the SPEC section that describes it
 TECHNIQUES = {
@@ -102,12 +95,12 @@ def required_imports(tree: ast.Module) -> set[str]:
 def third_party_requirements(config: dict) -> list[str]:
     """Pinned distributions the exported script needs (stdlib and pgolf excluded).
 
-    Those the bundled modules import unconditionally, plus the optional compressors when the
+    Those the bundled code imports unconditionally, plus the optional compressors when the
     config's export can use them.
     """
     names = set()
-    for path in bundled_modules().values():
-        names |= required_imports(ast.parse(path.read_text(encoding="utf-8")))
+    for source in bundled_code(config).readable().values():
+        names |= required_imports(ast.parse(source))
     if config.get("export", {}).get("codec") == "mixed":
         names |= set(_MIXED_EXPORT_COMPRESSORS)
     names -= set(sys.stdlib_module_names) | {"pgolf", "__future__"}
@@ -153,7 +146,7 @@ def build_submission(
     blurb: str,
 ) -> dict:
     rows = load_seed_runs(runs)
-    reports = [load_run(Path(r))[1] for r in runs]
+    reports = [rundir.load_evaluated(Path(r))[1] for r in runs]
     results = {}
     for row, report in zip(rows, reports, strict=True):
         results[str(row["seed"])] = {
@@ -179,9 +172,10 @@ def build_submission(
             else 0.0
         )
 
-    # true = pass, false = fail, null = unproven (pgolf.audit.verdicts)
+    # true = pass, false = fail, null = unproven (pgolf.rules)
     compliance = {
-        key: ok_of(status) for key, (status, _) in compliance_verdicts(reports, totals).items()
+        key: ok_of(status)
+        for key, (status, _) in compliance_verdicts(reports, script_bytes).items()
     }
     compliance["no_pre_quant_ttt"] = not any(rep.get("prequant_ttt") for rep in reports)
     compliance["three_seeds"] = len(rows) >= 3
@@ -210,31 +204,21 @@ def build_submission(
     }
 
 
-def compliance_verdicts(reports: list[dict], totals: list[int]) -> dict[str, tuple[str, str]]:
-    """(status, detail) per compliance rule over the seeds, in the audit's vocabulary.
-
-    Bytes are the submission's (`totals`: this train_gpt.py + each seed's artifact), not the
-    run's count of the pgolf files it imported; timings come from the audit's own function, so
-    reports written before `status` existed read the same too.
-    """
+def compliance_verdicts(reports: list[dict], script_bytes: int) -> dict[str, tuple[str, str]]:
+    """(status, detail) per rule over the seeds: each report's own verdicts (pgolf.rules),
+    combined; the byte rule once more for the submission's bytes: this train_gpt.py plus the
+    largest seed's artifact."""
     per_seed: dict[str, list[tuple[str, str]]] = {}
     for report in reports:
-        seed = {
-            k: (status_of(e), e.get("detail", "")) for k, e in report.get("compliance", {}).items()
-        }
-        seed.update(
-            {REPORT_KEYS[r]: (v["status"], v["detail"]) for r, v in time_verdicts(report).items()}
-        )
-        for key, verdict in seed.items():
-            per_seed.setdefault(key, []).append(verdict)
+        for key, entry in report.get("compliance", {}).items():
+            per_seed.setdefault(key, []).append((status_of(entry), entry.get("detail", "")))
     out = {}
     for key, seeds in sorted(per_seed.items()):
         status = combined(s for s, _ in seeds)
         # The detail of a seed with the combined status: the one that decided it.
         out[key] = next((s, d) for s, d in seeds if s == status)
-    # One figure for the bytes, the submission's bytes_total: the largest seed's.
-    size = PASS if max(totals) <= BYTES_CAP else FAIL
-    out["artifact_under_16mb"] = (size, f"{max(totals):,} of {BYTES_CAP:,} decimal bytes")
+    size = artifact_size(script_bytes, max(int(r.get("bytes_model", 0)) for r in reports))
+    out[size["rule"]] = (size["status"], size["detail"])
     return out
 
 
@@ -259,8 +243,11 @@ def render_readme(sub: dict, config: dict, reports: list[dict]) -> str:
         "SEED=<seed> torchrun --standalone --nproc_per_node=8 train_gpt.py",
         "```",
         "",
-        "`train_gpt.py` is self-contained: it carries the pgolf modules the pipeline uses and",
-        "the config below, and trains, quantizes, packs and evaluates as `pgolf run` did.",
+        "`train_gpt.py` is self-contained: it carries the pgolf code the pipeline runs and",
+        "the config below, and trains, quantizes, packs and evaluates as `pgolf run` did. It",
+        "ships lzma-compressed (its size is the code bytes); `train_gpt_readable.py` is the same",
+        "script before minification, for review: it runs the same, and the modules `train_gpt.py`",
+        "embeds are its modules with docstrings, comments and annotations removed.",
         "",
         "## Techniques (settings that differ from the official baseline)",
         "",
@@ -289,8 +276,7 @@ def render_readme(sub: dict, config: dict, reports: list[dict]) -> str:
         "| rule | status | detail |",
         "|---|---|---|",
     ]
-    totals = [r["bytes_total"] for r in sub["seed_results"].values()]
-    verdicts = compliance_verdicts(reports, totals)
+    verdicts = compliance_verdicts(reports, sub["bytes_code"])
     for key, ok in sub["compliance"].items():
         status, detail = verdicts.get(key, (PASS if ok else FAIL, ""))
         lines.append(f"| {key} | {status if status != FAIL else '**fail**'} | {detail} |")
@@ -312,7 +298,6 @@ def export_submission(
     github_id: str | None = None,
     name: str | None = None,
     blurb: str | None = None,
-    compress: bool = False,
 ) -> dict:
     out = Path(out)
     if out.exists() and not force:
@@ -320,11 +305,9 @@ def export_submission(
     if out.exists() and not out.is_dir():
         raise PgolfError(f"{out} exists and is not a folder")
     runs = [Path(r) for r in runs]
-    cfg, _ = load_run(runs[0])
+    cfg, _ = rundir.load_evaluated(runs[0])
     load_seed_runs(runs)  # same config, distinct seeds: checked before anything is written
-    script = bundle_script(cfg.to_dict())
-    if compress:
-        script = compress_script(script)
+    script = shipped_script(cfg.to_dict())
     script_bytes = len(script.encode("utf-8"))
     sub = build_submission(
         runs,
@@ -334,7 +317,7 @@ def export_submission(
         name=name or f"pgolf {cfg.preset}",
         blurb=blurb or "",
     )
-    reports = [load_run(r)[1] for r in runs]
+    reports = [rundir.load_evaluated(r)[1] for r in runs]
     writable_dir(out, "--out")
     written = []
 
@@ -343,11 +326,13 @@ def export_submission(
         written.append(file)
 
     write("train_gpt.py", script)
+    # for review (the shipped modules are these, minified): not counted, not needed to run
+    write("train_gpt_readable.py", bundle_script(cfg.to_dict(), readable=True))
     write("submission.json", json.dumps(sub, indent=2) + "\n")
     write("README.md", render_readme(sub, cfg.to_dict(), reports))
     write("requirements.txt", "\n".join(third_party_requirements(cfg.to_dict())) + "\n")
     for run, seed in zip(runs, sub["seeds"], strict=True):
-        log = run / "train.log"
+        log = run / rundir.TRAIN_LOG
         if log.is_file():
             write(f"train_seed{seed}.log", log.read_text(encoding="utf-8"))
     return {"out": str(out), "files": sorted(written), "submission": sub}

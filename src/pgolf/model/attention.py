@@ -83,7 +83,7 @@ class CausalSelfAttention(nn.Module):
             rope_dims,
             cfg.rope_base,
             cfg.rope_train_seq_len,
-            bf16=precision_on(cfg.rope_bf16, "rope_bf16"),
+            bf16=precision_on(cfg.rope_bf16, "model.rope_bf16"),
         )
         self.use_xsa = xsa
         self.vrl_lambda = _scalar(torch.tensor(VRL_INIT)) if value_residual else None

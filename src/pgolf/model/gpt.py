@@ -91,7 +91,7 @@ class GPT(nn.Module):
                 in_blocks = {id(m) for m in self.blocks.modules()}
                 order = list(self.blocks.modules()) + [m for m in order if id(m) not in in_blocks]
             orthogonal_init(order, cfg.num_layers, aux, scale_aux=cfg.aux_proj_scaled_init)
-        if precision_on(cfg.bf16_tables, "bf16_tables"):
+        if precision_on(cfg.bf16_tables, "model.bf16_tables"):
             # Rounded after the fp32 init, as the scripts' `.bfloat16()` cast rounds theirs.
             for table in self.embedding_tables():
                 table.data = table.data.bfloat16()

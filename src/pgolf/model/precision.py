@@ -15,5 +15,5 @@ MODES = ("off", "cuda", "on")
 
 def precision_on(mode: str, setting: str) -> bool:
     if mode not in MODES:
-        raise PgolfError(f"model.{setting}={mode!r}: use one of {', '.join(MODES)}")
+        raise PgolfError(f"{setting}={mode!r}: use one of {', '.join(MODES)}")
     return mode == "on" or (mode == "cuda" and uses_cuda())

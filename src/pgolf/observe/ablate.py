@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pgolf import rundir
 from pgolf.audit.stats import mean_std, welch_t_test
 from pgolf.errors import PgolfError
 from pgolf.fileio import writable_dir
@@ -53,10 +54,7 @@ def slug(name: str) -> str:
 
 
 def finished_report(run_dir: Path) -> dict | None:
-    path = run_dir / "report.json"
-    if not path.is_file():
-        return None
-    report = json.loads(path.read_text())
+    report = rundir.read_report(run_dir)
     return report if report.get("val_bpb") is not None else None
 
 

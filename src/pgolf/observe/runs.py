@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pgolf import rundir
 from pgolf.errors import PgolfError
-
-PERIODIC = "periodic"  # eval_mode of the in-training validation (pgolf.train.trainer)
-ARTIFACT_NAME = "artifact.pgolf"  # as pgolf.run writes it (not imported: that pulls in training)
 
 
 @dataclass
@@ -47,23 +44,16 @@ class RunRecords:
 
 def load_run(run_dir: str | Path) -> RunRecords:
     path = Path(run_dir)
-    metrics = path / "metrics.jsonl"
     if not path.is_dir():
         raise PgolfError(f"{path}: not a run directory")
-    if not metrics.is_file() or metrics.stat().st_size == 0:
-        raise PgolfError(f"{path}: no metrics.jsonl; train it first (`pgolf run` / `pgolf train`)")
+    records = rundir.read_metrics(path)
+    if not records:
+        raise PgolfError(
+            f"{path}: no {rundir.METRICS}; train it first (`pgolf run` / `pgolf train`)"
+        )
     run = RunRecords(path)
-    for number, line in enumerate(metrics.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            # A run killed mid-write leaves a torn last line; anything earlier is corruption.
-            if number == len(metrics.read_text().splitlines()):
-                break
-            raise PgolfError(f"{metrics}:{number}: not a JSON object") from None
-        if record.get("eval_mode") == PERIODIC:
+    for record in records:
+        if record.get("eval_mode") == rundir.PERIODIC_EVAL:
             run.val_curve.append(record)
         elif "evaluation" in record:
             continue  # `pgolf eval` under other settings: not one of the run's own scores
@@ -72,10 +62,8 @@ def load_run(run_dir: str | Path) -> RunRecords:
         elif "train_loss" in record:
             run.steps.append(record)
     if not run.steps and not run.evals:
-        raise PgolfError(f"{metrics}: no step or eval records")
-    report = path / "report.json"
-    if report.is_file():
-        run.report = json.loads(report.read_text())
+        raise PgolfError(f"{path / rundir.METRICS}: no step or eval records")
+    run.report = rundir.read_report(path)
     return run
 
 
@@ -89,7 +77,7 @@ def artifact_bytes_per_class(run: RunRecords) -> tuple[dict[str, float], str] | 
     per_class = (run.report.get("quant") or {}).get("bytes_per_class")
     if per_class:
         return {k: float(v) for k, v in per_class.items()}, "quant.bytes_per_class"
-    artifact = run.path / ARTIFACT_NAME
+    artifact = run.path / rundir.ARTIFACT
     if not artifact.is_file():
         return None
     from pgolf.artifact.container import read_artifact
@@ -123,11 +111,10 @@ def _int8_group(name: str, scheme: str, role: str | None) -> str:
 def _roles(run_dir: Path) -> dict[str, str]:
     """Parameter name → role, from a shapes-only model of the run's config (no weights read)."""
     try:
-        from pgolf.config import config_from_dict
         from pgolf.model.roles import role_of
         from pgolf.model.shapes import shapes_only_model
 
-        cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()))
+        cfg = rundir.load_config(run_dir)
         model = shapes_only_model(cfg.model)
         return {n: role_of(p) for n, p in model.named_parameters()}
     except (OSError, ValueError, KeyError, PgolfError):

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
+from pgolf import rundir
 from pgolf.errors import PgolfError
 
 SINKS = ("tensorboard", "wandb")
@@ -84,7 +85,7 @@ class TensorBoardSink:
 class WandbSink:
     def __init__(self, run_dir: Path):
         self.wandb = _require("wandb", "wandb")
-        config_path = Path(run_dir) / "config.json"
+        config_path = Path(run_dir) / rundir.CONFIG
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
         self.run = self.wandb.init(name=Path(run_dir).name, dir=str(run_dir), config=config)
         self.last_step = 0

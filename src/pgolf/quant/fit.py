@@ -27,8 +27,9 @@ from pgolf.artifact.container import PackedArtifact, pack_sections
 from pgolf.artifact.int8 import SCALE_SUFFIX
 from pgolf.errors import PgolfError
 from pgolf.quant.export import QuantizedModel
+from pgolf.quant.lqer import LQER_MARK
+from pgolf.rules import BYTES_CAP
 
-BYTES_CAP = 16_000_000  # decimal (SPEC §1.2)
 PRUNE_MODES = ("pm1", "magnitude", "none")
 _MAX_ROUNDS = 8
 
@@ -216,7 +217,7 @@ def artifact_report(qm: QuantizedModel, packed: PackedArtifact, fit: dict) -> di
         for name in sec["names"]:
             share = sec["nbytes"] * sizes[name] / raw_total
             base = name.removesuffix(SCALE_SUFFIX)
-            cls = classes.get(base, "float")
+            cls = "lqer" if LQER_MARK in base else classes.get(base, "float")
             kind = "scales" if name.endswith(SCALE_SUFFIX) else "values"
             per_class[cls] = per_class.get(cls, 0.0) + share
             row = per_tensor.setdefault(base, {"class": cls, "codec": sec["codec"]})

@@ -10,15 +10,13 @@ the training budget (SPEC §1.3); everything in `export_mixed` touches no data.
 
 from __future__ import annotations
 
-import importlib
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-import pgolf
-from pgolf import runlog
+from pgolf import rules
 from pgolf.artifact.config import ExportConfig
 from pgolf.artifact.container import write_sections
 from pgolf.config import RunConfig
@@ -32,7 +30,6 @@ from pgolf.quant.hessian import HessianCollector, collect_hessians
 from pgolf.quant.policy import plan_tensors
 
 CALIB_SOURCES = ("train", "selfgen")
-CODE_MEASURES = ("imported", "exported", "exported-lzma")
 
 
 def hessian_names(model: nn.Module, cfg: ExportConfig) -> list[str]:
@@ -117,32 +114,12 @@ def calibrate(
 def code_budget(cfg: RunConfig) -> tuple[int, str]:
     """The code bytes the fit target leaves room for (SPEC §1.2), and where that figure came from.
 
-    A record preset declares its own script's size: that is what would ship, whereas the pgolf
-    files a run imports are ~340 KB and would squeeze the model by as much.
+    The shipped train_gpt.py, as report.json's `bytes_code` counts it; a record preset may
+    declare its own script's size instead (`export.code_bytes`), to fit that record's budget.
     """
-    ex = cfg.export
-    if ex.code_bytes > 0:
-        return ex.code_bytes, "export.code_bytes (declared size of the record's script)"
-    if ex.code_measure not in CODE_MEASURES:
-        raise PgolfError(
-            f"export.code_measure {ex.code_measure!r}: expected one of {CODE_MEASURES}"
-        )
-    files = runlog.imported_source_files()
-    # Inside an exported train_gpt.py every pgolf module's __file__ is the script (bundle.py),
-    # so the imported files already are the shipped script.
-    if Path(pgolf.__file__).name != "__init__.py":
-        return runlog.code_bytes(files), "this exported script"
-    if ex.code_measure == "imported":
-        return runlog.code_bytes(files), (
-            f"the {len(files)} pgolf source files this run imported (export.code_bytes undeclared)"
-        )
-    # Imported by name, not by an import statement: bundle.py embeds every module such a
-    # statement reaches, and an exported script (handled above) never needs the exporter.
-    bundle = importlib.import_module("pgolf.export.bundle")
-    script = bundle.bundle_script(cfg.to_dict())
-    if ex.code_measure == "exported-lzma":
-        return len(bundle.compress_script(script).encode("utf-8")), "exported script, lzma-wrapped"
-    return len(script.encode("utf-8")), "exported script"
+    if cfg.export.code_bytes > 0:
+        return cfg.export.code_bytes, "export.code_bytes (declared size of the record's script)"
+    return rules.shipped_code_bytes(cfg.to_dict())
 
 
 def export_mixed(
@@ -168,7 +145,7 @@ def export_mixed(
     report["code_bytes"] = code_bytes
     report["code_bytes_source"] = code_source
     report["target_bytes_source"] = (
-        "export.target_bytes" if cfg.target_bytes else "16,000,000 − code_bytes"
+        "export.target_bytes" if cfg.target_bytes else f"{rules.BYTES_CAP:,} − code_bytes"
     )
     report["bytes_total"] = len(packed.data) + code_bytes
     return report
@@ -181,7 +158,7 @@ def fit_log_lines(report: dict) -> list[str]:
         lines = [f"fit target {target:,} model bytes (export.target_bytes)"]
     else:
         lines = [
-            f"fit target {target:,} = 16,000,000 − {report['code_bytes']:,} code bytes "
+            f"fit target {target:,} = {rules.BYTES_CAP:,} − {report['code_bytes']:,} code bytes "
             f"({report['code_bytes_source']})"
         ]
     switch = report.get("codec_switched")

@@ -14,14 +14,16 @@ Every float tensor with at most `keep_float_max_numel` elements is stored float1
 role rule (the records' order, so small control tensors are float16 too); non-float tensors are
 stored as they are; large float tensors that are not 2-D role matrices are stored float16.
 `quant_overrides` ("glob=spec,glob=spec", first match wins; spec fp16 | int5..int8, optionally
-+gptq / -gptq) beat everything, for experiments such as INT5's fp16 `blocks.8.attn.c_k`.
++gptq / -gptq, then optionally `:clip`, a clip method) beat everything, for experiments such as
+INT5's fp16 `blocks.8.attn.c_k`, or TOP's int8 attention gate, per row at the row maximum, which
+would otherwise be float16 for its size: `*.attn.gate_w=int8-gptq:rowmax`.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -32,7 +34,7 @@ from pgolf.quant.grid import SUPPORTED_BITS
 
 QUANT_CLASSES = ("embed", "table", "head", "attn", "mlp", "matrix")
 TOKEN_EMBEDDING = "tok_emb.weight"
-_OVERRIDE = re.compile(r"^(fp16|int([5-8]))([+-]gptq)?$")
+_OVERRIDE = re.compile(r"^(fp16|int([5-8]))([+-]gptq)?(?::([a-z-]+))?$")
 
 
 @dataclass(frozen=True)
@@ -58,8 +60,9 @@ def quant_class(name: str, role: str | None) -> str:
     return "matrix"
 
 
-def parse_overrides(text: str) -> list[tuple[str, str, int, bool | None]]:
-    """`glob=spec,...` → [(glob, scheme, bits, gptq or None)]; PgolfError names a bad item."""
+def parse_overrides(text: str) -> list[tuple[str, str, int, bool | None, str | None]]:
+    """`glob=spec,...` → [(glob, scheme, bits, gptq or None, clip or None)]; PgolfError names a
+    bad item."""
     out = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         pattern, _, spec = item.partition("=")
@@ -67,13 +70,13 @@ def parse_overrides(text: str) -> list[tuple[str, str, int, bool | None]]:
         if not pattern or not m:
             raise PgolfError(
                 f"export.quant_overrides: cannot read {item!r}; expected glob=fp16 or "
-                "glob=int5..int8 with optional +gptq/-gptq"
+                "glob=int5..int8 with optional +gptq/-gptq and :clip"
             )
         gptq = None if m.group(3) is None else m.group(3) == "+gptq"
         if m.group(1) == "fp16":
-            out.append((pattern.strip(), "float16", 0, None))
+            out.append((pattern.strip(), "float16", 0, None, None))
         else:
-            out.append((pattern.strip(), "int", int(m.group(2)), gptq))
+            out.append((pattern.strip(), "int", int(m.group(2)), gptq, m.group(4)))
     return out
 
 
@@ -97,6 +100,13 @@ def clip_rule(cfg: ExportConfig, qclass: str) -> ClipRule:
         )
     except ValueError as e:
         raise PgolfError(f"export clip setting: {e}") from None
+
+
+def _with_clip(rule: ClipRule, method: str) -> ClipRule:
+    try:
+        return replace(rule, method=method)
+    except ValueError as e:
+        raise PgolfError(f"export.quant_overrides: {e}") from None
 
 
 def class_bits(cfg: ExportConfig, qclass: str) -> int:
@@ -148,7 +158,10 @@ def plan_tensors(
             plans[name] = TensorPlan("float16", "float")
         elif match is not None and t.ndim == 2:  # an int override only means something for matrices
             gptq = use_gptq if match[3] is None else match[3]
-            plans[name] = TensorPlan("int", qclass, match[2], clip_rule(cfg, qclass), gptq)
+            rule = clip_rule(cfg, qclass)
+            if match[4] is not None:
+                rule = _with_clip(rule, match[4])
+            plans[name] = TensorPlan("int", qclass, match[2], rule, gptq)
         elif t.numel() <= cfg.keep_float_max_numel:
             plans[name] = TensorPlan("float16", "float")
         elif t.ndim == 2 and role in ("matrix", "embedding", "head"):

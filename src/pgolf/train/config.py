@@ -48,6 +48,10 @@ class TrainConfig:
     muon_wd: float = env_field("MUON_WD", 0.0)  # decoupled: W ← W·(1 − lr·wd) (SPEC §5.17)
     muon_row_normalize: bool = env_field("MUON_ROW_NORMALIZE", False)  # MuonEq-R
     muon_polar_express: bool = env_field("MUON_POLAR_EXPRESS", False)  # per-step coefficients
+    # The banked scripts (S549, S1019, S1060, P1351) keep Muon's gradient copy, momentum and
+    # Newton–Schulz in bf16, the non-banked ones only Newton–Schulz (which pgolf runs in bf16 on
+    # CUDA anyway): off | on | cuda (on with a GPU), as model.bf16_tables.
+    muon_bf16_state: str = "off"
     beta1: float = env_field("BETA1", 0.9)
     beta2: float = env_field("BETA2", 0.95)
     adam_eps: float = env_field("ADAM_EPS", 1e-8)

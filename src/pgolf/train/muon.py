@@ -50,8 +50,9 @@ def orthogonalize(
     eps: float = 1e-7,
 ) -> torch.Tensor:
     """Approximate the polar factor of G (or of each matrix in a stack) with quintic iterations."""
-    # bf16 is what the official run uses on GPU; on CPU bf16 matmuls are emulated (~70x slower).
-    dtype = torch.bfloat16 if G.is_cuda else torch.float32
+    # bf16 is what the official run uses on GPU; on CPU bf16 matmuls are emulated (~70x slower),
+    # so there it runs in fp32 unless G already comes in bf16 (Muon's `bf16_state`).
+    dtype = torch.bfloat16 if G.is_cuda or G.dtype == torch.bfloat16 else torch.float32
     X = G.to(dtype)
     norm = X.norm(dim=(-2, -1), keepdim=True)
     X = X / (norm * safety + eps) if safety != 1.0 else X / (norm + eps)
@@ -91,6 +92,12 @@ def normalize_rows(U: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     return U / U.float().norm(dim=-1, keepdim=True).clamp_min(eps).to(U.dtype)
 
 
+def _aspect_scale(p: torch.Tensor) -> float:
+    # A tall orthogonal matrix has rows of RMS norm sqrt(cols/rows) < 1; the factor brings them
+    # to 1, so each output unit moves as far as in a wide matrix.
+    return max(1.0, p.size(-2) / p.size(-1)) ** 0.5
+
+
 class Muon(torch.optim.Optimizer):
     """Muon for 2-D parameters; gradients must already be averaged across ranks (DDP does it)."""
 
@@ -104,7 +111,9 @@ class Muon(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         row_normalize: bool = False,
         polar_express: bool = False,
+        bf16_state: bool = False,
     ):
+        self.bf16_state = bf16_state
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -138,12 +147,14 @@ class Muon(torch.optim.Optimizer):
             device = params[0].device
             # Every rank contributes its own slices and zeros elsewhere, so a SUM reassembles the
             # full update; bf16 on GPU halves the all-reduce traffic, as in the official script.
-            flat_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+            bf16 = device.type == "cuda" or self.bf16_state
+            flat_dtype = torch.bfloat16 if bf16 else torch.float32
             updates = torch.zeros(sum(p.numel() for p in params), device=device, dtype=flat_dtype)
             offset = 0
             for j, p in enumerate(params):
                 if j % world_size == rank and p.grad is not None:
-                    g = p.grad
+                    # bf16 state: the banked scripts' gradient copy and momentum (SPEC §5.18).
+                    g = p.grad.bfloat16() if self.bf16_state else p.grad
                     state = self.state[p]
                     if "momentum_buffer" not in state:
                         state["momentum_buffer"] = torch.zeros_like(g)
@@ -156,9 +167,8 @@ class Muon(torch.optim.Optimizer):
                         o = zeropower_polar_express(u, steps=group["backend_steps"])
                     else:
                         o = zeropower_newton_schulz5(u, steps=group["backend_steps"])
-                    # A tall orthogonal matrix has rows of RMS norm sqrt(cols/rows) < 1; the factor
-                    # brings them to 1, so each output unit moves as far as in a wide matrix.
-                    o = o * max(1.0, p.size(-2) / p.size(-1)) ** 0.5
+                    if not self.bf16_state:  # banked scripts scale at apply time, below
+                        o = o * _aspect_scale(p)
                     updates[offset : offset + p.numel()] = o.reshape(-1)
                 offset += p.numel()
             if distributed:
@@ -170,6 +180,7 @@ class Muon(torch.optim.Optimizer):
                     # Decoupled: the shrink uses the scheduled lr, so it fades with the warm-down.
                     p.mul_(1.0 - group["lr"] * wd)
                 update = updates[offset : offset + p.numel()].view_as(p).to(p.dtype)
-                p.add_(update, alpha=-group["lr"])
+                scale = _aspect_scale(p) if self.bf16_state else 1.0
+                p.add_(update, alpha=-group["lr"] * scale)
                 offset += p.numel()
         return loss

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from pgolf.config import TrainConfig
+from pgolf.model.precision import precision_on
 from pgolf.model.roles import params_by_role
 from pgolf.train.muon import Muon
 
@@ -55,6 +56,7 @@ def build_optimizers(
             weight_decay=cfg.muon_wd,
             row_normalize=cfg.muon_row_normalize,
             polar_express=cfg.muon_polar_express,
+            bf16_state=precision_on(cfg.muon_bf16_state, "train.muon_bf16_state"),
         )
         for group in muon.param_groups:
             group["base_lr"] = cfg.matrix_lr

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from pgolf import rundir
 from pgolf.config import RunConfig
 from pgolf.data.dataset import DatasetFiles
 from pgolf.dist import World, all_reduce_max
@@ -50,8 +51,6 @@ from pgolf.train.optim import (
 )
 from pgolf.train.qat import QAT
 from pgolf.train.schedule import training_frac, warmdown_scale, warmup_factor
-
-WEIGHTS_NAME = "model.safetensors"
 
 
 class _LossModule(nn.Module):
@@ -294,7 +293,7 @@ class Trainer:
     def _checkpoint(self) -> None:
         state = self.state_dict()  # on every rank: gathering a per-rank loader is collective
         if self.world.is_main:
-            save_checkpoint(self.run_dir / "checkpoint", state)
+            save_checkpoint(self.run_dir / rundir.CHECKPOINT, state)
         self._last_save = self.clock.now()
 
     def _step_boundary(self) -> tuple[bool, bool]:
@@ -372,7 +371,7 @@ class Trainer:
         """Score the raw weights on validation (every rank: the sums are all-reduced)."""
         result = self.validate(self.model)
         if self.world.is_main:
-            self.log.metrics(step=self.step, eval_mode="periodic", **result)
+            self.log.metrics(step=self.step, eval_mode=rundir.PERIODIC_EVAL, **result)
             self.log.text(
                 f"step {self.step}/{self.cfg.train.iterations} val_loss {result['val_loss']:.4f} "
                 f"val_bpb {result['val_bpb']:.4f}"
@@ -382,7 +381,7 @@ class Trainer:
     def run(self, resume: bool = False) -> TrainResult:
         t = self.cfg.train
         if resume:
-            self.load_state_dict(load_checkpoint(self.run_dir / "checkpoint"))
+            self.load_state_dict(load_checkpoint(self.run_dir / rundir.CHECKPOINT))
             self.log.text(f"resumed at step {self.step} ({self.clock.train_ms:.0f} ms trained)")
             # Steps logged after that checkpoint are about to be trained again.
             self.log.drop_metrics_after(self.step)
@@ -471,7 +470,7 @@ class Trainer:
         )
 
     def save_weights(self) -> Path:
-        path = self.run_dir / WEIGHTS_NAME
+        path = self.run_dir / rundir.WEIGHTS
         if self.world.is_main:
             save_safetensors(path, self.model.state_dict())
         return path
