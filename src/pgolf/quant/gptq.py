@@ -169,7 +169,7 @@ def hessian_error(w: Tensor, w_hat: Tensor, h: Tensor) -> float:
     """tr(ΔW H ΔWᵀ) / tr(W H Wᵀ): the relative change of the layer's output energy.
 
     A reported number, never a decision: float32 products summed in float64 agree with an
-    all-float64 pass to < 5e-8 relative on 512×1536 matrices (measured) at half its time.
+    all-float64 pass to < 5e-7 relative (measured, 33×129 to 512×1536) at half its time.
     """
     w, h = w.float(), h.float()
     d = w_hat.float() - w
