@@ -86,7 +86,7 @@ def test_exact_factors_remove_the_top_r_singular_values_of_the_error():
         assert removed == pytest.approx(float(sigma[:rank].square().sum()), rel=1e-5)
 
 
-def test_factor_grids_are_toms_int2_int4_layout_or_symmetric_rows():
+def test_factor_grids_are_tops_int2_int4_layout_or_symmetric_rows():
     cfg = lqer_cfg()
     assert factor_grids(cfg, 96, 64, 4) == ("asym", (384, -2, 1), (64, -8, 7))
     # 4 · 60 = 240 entries of B are not whole groups of 64: the symmetric per-row layout instead.
@@ -202,7 +202,7 @@ def test_bad_lqer_settings_are_refused(field, value):
         quantize_state(state, roles, lqer_cfg(**{field: value}))
 
 
-def test_lqer_is_off_by_default_and_settable_by_toms_environment_names():
+def test_lqer_is_off_by_default_and_settable_by_tops_environment_names():
     assert ExportConfig().lqer is False
     cfg = resolve_config(
         "baseline",

@@ -153,3 +153,74 @@ def official_logits(mod: types.ModuleType, model: nn.Module, input_ids: Tensor) 
         mod.F = real_f
     (logits,) = seen
     return logits.reshape(*input_ids.shape, -1)
+
+
+# -- TOP (SPEC §5.31), which has no preset yet: its model at 8 layers × 128 ---------------------
+# Eight layers keep the record's layout meaningful: layers 3..5 loop twice (the record's range)
+# and the two lanes start at layer 6, after the loop, as the record's 8 (of 11) does. The values
+# its run command set instead of the script's defaults: the sparse gate at scale 0.5 (SPEC §5.31)
+# and the BOS-masked SmearGate; the Triton CE stays off (the CPU shim cannot launch it).
+TOP_ENV = {
+    "VOCAB_SIZE": "1024",
+    "NUM_LAYERS": "8",
+    "MODEL_DIM": "128",
+    "NUM_HEADS": "4",
+    "NUM_KV_HEADS": "2",
+    "XSA_LAST_N": "8",
+    "LOOP_START": "3",
+    "LOOP_END": "5",
+    "PARALLEL_START_LAYER": "6",
+    "SPARSE_ATTN_GATE_ENABLED": "1",
+    "SPARSE_ATTN_GATE_SCALE": "0.5",
+    "SMEAR_GATE_ENABLED": "1",
+    "FUSED_CE_ENABLED": "0",
+}
+# pgolf's names for the record's technique parameters (the rest are spelt alike once unbanked).
+TOP_RENAMES = {"smear_gate.weight": "smear.gate_w", "smear_lambda": "smear.lam"}
+
+
+def top_config() -> ModelConfig:
+    """pgolf's switches for TOP's architecture at the shape of TOP_ENV."""
+    return ModelConfig(
+        vocab_size=1024,
+        num_layers=8,
+        model_dim=128,
+        num_heads=4,
+        num_kv_heads=2,
+        mlp_mult=4.0,
+        mlp_leaky_slope=0.5,
+        rope_dims=16,
+        qk_gain_init=5.0,
+        xsa_last_n=-1,
+        ln_scale=True,
+        skip_gates=True,
+        num_loops=2,
+        loop_start=3,
+        loop_end=5,
+        enable_looping_at=0.35,
+        parallel_residual_start=6,
+        parallel_lanes=True,
+        attn_out_gate=True,
+        smear_gate="v2",
+        orthogonal_init=True,
+    )
+
+
+@functools.cache
+def top_module() -> types.ModuleType:
+    """TOP's script loaded once (tests only call into it), with BOS = 1 as its loader sets it."""
+    mod = load_official("top", **TOP_ENV)
+    mod.BOS_ID = 1
+    return mod
+
+
+def top_state_dict(mod: types.ModuleType, model: nn.Module) -> dict[str, Tensor]:
+    """TOP's state dict unbanked, under pgolf's names and shapes."""
+    sd = mod._unbank_state_dict(model.state_dict(), mod.args.num_layers)
+    out = {}
+    for name, t in sd.items():
+        if name.endswith(".attn.attn_gate_w"):
+            name = name.replace(".attn_gate_w", ".gate_w")
+        name = TOP_RENAMES.get(name, name)
+        out[name] = t.reshape(()) if name == "smear.lam" else t
+    return out

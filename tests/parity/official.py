@@ -103,6 +103,41 @@ def _flash_stub() -> types.ModuleType:
     return stub
 
 
+class _BypassedKernel:
+    """A `@triton.jit` kernel under the shim: defined, but launching it fails loudly."""
+
+    def __init__(self, fn):
+        self.name = fn.__name__
+
+    def __getitem__(self, grid):
+        raise RuntimeError(f"Triton kernel {self.name} bypassed by the CPU shim: use its "
+                           "plain-PyTorch path (TOP: FUSED_CE_ENABLED=0, MLP use_fused=False)")  # fmt: skip
+
+
+def _triton_stubs() -> dict[str, types.ModuleType]:
+    """Just enough of Triton for a script that defines kernels at import to load on the CPU.
+
+    TOP defines its fused softcapped cross-entropy and LeakyReLU² MLP as Triton kernels; both
+    have plain-PyTorch paths (FUSED_CE_ENABLED=0; the MLP's outside training or with
+    `use_fused=False`), which are the ones the parity tests run.
+    """
+    triton = types.ModuleType("triton")
+    language = types.ModuleType("triton.language")
+    tools = types.ModuleType("triton.tools")
+    descriptor = types.ModuleType("triton.tools.tensor_descriptor")
+    triton.jit = _BypassedKernel
+    triton.cdiv = lambda a, b: -(-a // b)
+    triton.language, triton.tools, tools.tensor_descriptor = language, tools, descriptor
+    language.constexpr = object  # only read as a parameter annotation
+    descriptor.TensorDescriptor = type("TensorDescriptor", (), {})
+    return {
+        "triton": triton,
+        "triton.language": language,
+        "triton.tools": tools,
+        "triton.tools.tensor_descriptor": descriptor,
+    }
+
+
 def _identity_compile(fn=None, **_):
     return fn if fn is not None else (lambda f: f)
 
@@ -110,19 +145,23 @@ def _identity_compile(fn=None, **_):
 @contextlib.contextmanager
 def _patched(env: dict[str, str]):
     saved_env = {k: os.environ.get(k) for k in env}
-    saved_mod = sys.modules.get("flash_attn_interface")
+    stubs = {"flash_attn_interface": _flash_stub()}
+    if importlib.util.find_spec("triton") is None:
+        stubs |= _triton_stubs()
+    saved_mods = {name: sys.modules.get(name) for name in stubs}
     saved_compile = torch.compile
     os.environ.update(env)
-    sys.modules["flash_attn_interface"] = _flash_stub()
+    sys.modules.update(stubs)
     torch.compile = _identity_compile
     try:
         yield
     finally:
         torch.compile = saved_compile
-        if saved_mod is None:
-            sys.modules.pop("flash_attn_interface", None)
-        else:
-            sys.modules["flash_attn_interface"] = saved_mod
+        for name, saved in saved_mods.items():
+            if saved is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = saved
         for k, v in saved_env.items():
             if v is None:
                 os.environ.pop(k, None)

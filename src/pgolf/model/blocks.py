@@ -2,7 +2,8 @@
 
 Switches: layer-wise LN scale 1/√(i+1) on both norm outputs, i the *physical* index even when the
 block runs several times under depth recurrence (§5.10); GPT-J parallel residuals, where attention
-and MLP read the same normed input and both add to the stream (§5.28).
+and MLP read the same normed input and both add to the stream (§5.28); TOP's two lanes, where
+attention and MLP each read a lane of their own (`branches`; the GPT mixes the lanes).
 """
 
 from __future__ import annotations
@@ -70,3 +71,27 @@ class Block(nn.Module):
             return x + self.mlp_scale.to(x.dtype) * mlp_out, values
         x = x + self.attn_scale.to(x.dtype) * attn_out
         return x + self.mlp_scale.to(x.dtype) * self.mlp(self._norm(x)), values
+
+    def branches(
+        self,
+        attn_lane: Tensor,
+        mlp_lane: Tensor,
+        x0: Tensor,
+        ve: Tensor | None = None,
+        v0: Tensor | None = None,
+        cache: LayerCache | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(scaled attention output, scaled MLP output, values) for TOP's two-lane decoder.
+
+        Only the attention lane is re-mixed with the embedding stream; the MLP reads its lane as
+        it is. Neither output is added here: the GPT decides how much of each reaches each lane.
+        """
+        mix = self.resid_mix.to(attn_lane.dtype)
+        attn_in = mix[0] * attn_lane + mix[1] * x0
+        attn_out, values = self.attn(self._norm(attn_in), ve, v0, cache)
+        mlp_out = self.mlp(self._norm(mlp_lane))
+        return (
+            self.attn_scale.to(attn_out.dtype) * attn_out,
+            self.mlp_scale.to(mlp_out.dtype) * mlp_out,
+            values,
+        )

@@ -30,6 +30,9 @@ class ModelConfig:
     tie_embeddings: bool = env_field("TIE_EMBEDDINGS", True)
     rope_base: float = env_field("ROPE_BASE", 10000.0)
     logit_softcap: float = env_field("LOGIT_SOFTCAP", 30.0)  # §5.15; <= 0 = off
+    # TOP's training loss: soft cap and cross-entropy in one fp32 pass over the raw logits, never
+    # storing the capped ones (`pgolf.model.loss`); evaluation keeps the plain path, as TOP does.
+    fused_softcap_ce: bool = env_field("FUSED_CE_ENABLED", False)
     qk_gain_init: float = env_field("QK_GAIN_INIT", 1.5)  # §5.14
     tied_embed_init_std: float = env_field("TIED_EMBED_INIT_STD", 0.005)
 
@@ -77,6 +80,12 @@ class ModelConfig:
     enable_looping_at: float = env_field("ENABLE_LOOPING_AT", 0.5)
     # GPT-J parallel residuals from this physical layer on; see PARALLEL_OFF.
     parallel_residual_start: int = env_field("PARALLEL_RESIDUAL_START", PARALLEL_OFF)
+    # TOP's two-lane form of the same layers instead (§5.28): attention reads lane 0 (re-mixed
+    # with x0), the MLP reads lane 1, each lane keeps λ_resid of itself and takes learned shares
+    # of both outputs; only decoder layers, after every sequential one. The head reads the lanes'
+    # mean, or one lane ("attn" = lane 0, "mlp" = lane 1) as PARALLEL_FINAL_LANE says.
+    parallel_lanes: bool = False
+    parallel_final_lane: str = env_field("PARALLEL_FINAL_LANE", "mean")
 
     # -- initialisation (§5.16) --
     orthogonal_init: bool = False  # every linear with both dims >= 64 that is not zero-init

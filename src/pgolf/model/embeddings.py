@@ -91,7 +91,8 @@ class BosSmearGate(nn.Module):
     """v2: x_t ← x_t + λ·σ(w·x_t[:window])·x_{t−1}·[token_t ≠ BOS] (PR #1667 → TOP, SPEC §5.7).
 
     λ = 0 and w = 0 at init, so the module starts as the identity. The mask stops the last token
-    of one document from leaking into the next document's BOS.
+    of one document from leaking into the next document's BOS. TOP applies it to the raw token
+    embedding, before the embedding norm (the GPT places it there).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -104,10 +105,13 @@ class BosSmearGate(nn.Module):
         self.lam = _scalar(torch.zeros(()))
 
     def forward(self, x: Tensor, input_ids: Tensor) -> Tensor:
-        gate = torch.sigmoid(F.linear(x[..., : self.window], self.gate_w.to(x.dtype)))
-        prev = torch.cat((torch.zeros_like(x[:, :1]), x[:, :-1]), dim=1)
-        not_bos = (input_ids != self.bos_id).to(x.dtype)[..., None]
-        return x + self.lam.to(x.dtype) * gate * prev * not_bos
+        # Position 0 has no previous token and is left as it is. The ops are TOP's, in its order:
+        # a zero-padded row or another order of the slices sums the gradients (of λ, of the
+        # embedding) in another order, which rounds apart.
+        gate_in = x[:, 1:, : self.window].contiguous()
+        gate = self.lam.to(x.dtype) * torch.sigmoid(F.linear(gate_in, self.gate_w.to(x.dtype)))
+        not_bos = (input_ids[:, 1:] != self.bos_id).to(x.dtype)[..., None]
+        return torch.cat((x[:, :1], x[:, 1:] + gate * x[:, :-1] * not_bos), dim=1)
 
 
 def build_smear_gate(cfg: ModelConfig) -> nn.Module | None:

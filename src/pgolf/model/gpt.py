@@ -8,9 +8,10 @@ with `banked_init`). Technique parameters take the names the
 record scripts use (`bigram.embed.weight`, `smear.gate`, `ve_shared.proj.weight`, ...). Every
 parameter carries a role (`pgolf.model.roles`) that optimizers and quantizers dispatch on.
 
-Forward: embedding (+ BigramHash) → RMSNorm (→ SmearGate) = x0 → encoder blocks, each output
-pushed on a stack → decoder blocks, each first merging a popped skip → final norm → tied head →
-soft cap. Depth recurrence only changes which physical blocks run in which order (`layout`).
+Forward: embedding (+ BigramHash) → RMSNorm (→ SmearGate; the BOS-masked one before the norm)
+= x0 → encoder blocks, each output pushed on a stack → decoder blocks, each first merging a popped
+skip (into the attention lane once TOP's two lanes have split the stream) → final norm → tied head
+→ soft cap. Depth recurrence only changes which physical blocks run in which order (`layout`).
 """
 
 from __future__ import annotations
@@ -23,12 +24,22 @@ from pgolf.config import ModelConfig
 from pgolf.errors import PgolfError
 from pgolf.model.blocks import Block
 from pgolf.model.decode import DecodeCache, LayerCache
-from pgolf.model.embeddings import BigramHashEmbedding, ValueEmbedding, build_smear_gate
+from pgolf.model.embeddings import (
+    BigramHashEmbedding,
+    BosSmearGate,
+    ValueEmbedding,
+    build_smear_gate,
+)
 from pgolf.model.init import orthogonal_init
 from pgolf.model.layers import CastedLinear, rms_norm
 from pgolf.model.layout import resolve_layout
+from pgolf.model.loss import softcapped_cross_entropy
 from pgolf.model.precision import precision_on
 from pgolf.model.roles import with_role
+
+
+# What the head reads once TOP's lanes have split the stream (PARALLEL_FINAL_LANE).
+FINAL_LANES = ("mean", "attn", "mlp")
 
 
 def _scalar(values: Tensor) -> nn.Parameter:
@@ -42,6 +53,12 @@ class GPT(nn.Module):
         super().__init__()
         if cfg.aux_proj_role not in ("matrix", "scalar"):
             raise PgolfError(f"model.aux_proj_role={cfg.aux_proj_role!r}: use matrix or scalar")
+        if cfg.parallel_final_lane not in FINAL_LANES:
+            raise PgolfError(
+                f"model.parallel_final_lane={cfg.parallel_final_lane!r}: use one of {FINAL_LANES}"
+            )
+        if cfg.fused_softcap_ce and cfg.logit_softcap <= 0:
+            raise PgolfError("model.fused_softcap_ce needs a positive model.logit_softcap")
         self.cfg = cfg
         self.layout = layout = resolve_layout(cfg)
         self.logit_softcap = cfg.logit_softcap
@@ -58,6 +75,12 @@ class GPT(nn.Module):
         self.skip_gates = None
         if cfg.skip_gates:
             self.skip_gates = _scalar(torch.zeros(self.num_skip_weights, cfg.model_dim))
+        # TOP's lane weights, one row per physical layer as TOP sizes them (rows of sequential
+        # layers stay unused): each lane keeps 1.1× itself and takes 1× of both outputs at init.
+        self.parallel_post_lambdas = self.parallel_resid_lambdas = None
+        if cfg.parallel_lanes:
+            self.parallel_post_lambdas = _scalar(torch.ones(cfg.num_layers, 2, 2))
+            self.parallel_resid_lambdas = _scalar(torch.full((cfg.num_layers, 2), 1.1))
         # Banked scripts create the block matrices empty: forking the RNG around the blocks
         # undoes their linears' construction draws, so later draws line up with theirs.
         with torch.random.fork_rng(devices=[], enabled=cfg.banked_init):
@@ -68,7 +91,7 @@ class GPT(nn.Module):
                     xsa=i in layout.xsa,
                     # Layer 0 is VRL's source, so it has nothing to blend (P639).
                     value_residual=cfg.value_residual and i > 0,
-                    parallel=i in layout.parallel,
+                    parallel=i in layout.parallel and not cfg.parallel_lanes,
                 )
                 for i in range(cfg.num_layers)
             )
@@ -133,12 +156,16 @@ class GPT(nn.Module):
         return DecodeCache(len(encoder) + len(decoder), self.recurrence_active)
 
     def _embed(self, input_ids: Tensor) -> Tensor:
-        """x0: token (+ BigramHash) embedding → RMSNorm (→ SmearGate)."""
+        """x0: token (+ BigramHash) embedding → RMSNorm, SmearGate v1 after it, v2 before it."""
         x = self.tok_emb(input_ids)
         if self.bigram is not None:
             x = x + self.bigram(input_ids)
+        # TOP smears the raw embedding; the sp1024 stacks' v1 smears the normed one.
+        before_norm = isinstance(self.smear, BosSmearGate)
+        if before_norm:
+            x = self.smear(x, input_ids)
         x = rms_norm(x)
-        if self.smear is not None:
+        if self.smear is not None and not before_norm:
             x = self.smear(x, input_ids)
         return x
 
@@ -148,6 +175,14 @@ class GPT(nn.Module):
         With a cache (`new_cache`), input_ids are the T tokens that follow those already cached,
         the cache takes them in, and the logits are those of a full forward's last T positions.
         """
+        z = self._raw_logits(input_ids, cache)
+        if self.logit_softcap > 0:
+            # Capped in the compute dtype, then widened, exactly as upstream does before its loss.
+            z = self.logit_softcap * torch.tanh(z / self.logit_softcap)
+        return z.float()
+
+    def _raw_logits(self, input_ids: Tensor, cache: DecodeCache | None) -> Tensor:
+        """The head's output before the soft cap, in the compute dtype."""
         encoder, decoder = self._order()
         calls: list[LayerCache | None] = [None] * (len(encoder) + len(decoder))
         window = input_ids
@@ -164,21 +199,62 @@ class GPT(nn.Module):
         for k, i in enumerate(encoder):
             x, v0 = self._run_block(i, x, x0, ve, v0, calls[k])
             skips.append(x)
+        lanes: tuple[Tensor, Tensor] | None = None
         for j, i in enumerate(decoder):
+            call = calls[len(encoder) + j]
+            if lanes is None and self.parallel_resid_lambdas is not None and i in self.layout.parallel:
+                lanes = (x, x)  # the first lane layer splits the stream (a tail: see layout)
+            stream = x if lanes is None else lanes[0]
             # The stack pairs the last encoder output with the first decoder block, like a U-Net;
             # decoder blocks beyond the number of skips (or of pushed outputs) get none.
             if j < self.num_skip_weights and skips:
-                x = self._merge_skip(j, x, skips.pop())
-            x, v0 = self._run_block(i, x, x0, ve, v0, calls[len(encoder) + j])
+                stream = self._merge_skip(j, stream, skips.pop())
+            if lanes is None:
+                x, v0 = self._run_block(i, stream, x0, ve, v0, call)
+            else:
+                lanes, v0 = self._run_lanes(i, stream, lanes[1], x0, ve, v0, call)
+        if lanes is not None:
+            x = self._final_lane(*lanes)
         x = rms_norm(x)
         if self.lm_head is None:
-            z = F.linear(x, self.tok_emb.weight.to(x.dtype))
-        else:
-            z = self.lm_head(x)
-        if self.logit_softcap > 0:
-            # Capped in the compute dtype, then widened, exactly as upstream does before its loss.
-            z = self.logit_softcap * torch.tanh(z / self.logit_softcap)
-        return z.float()
+            return F.linear(x, self.tok_emb.weight.to(x.dtype))
+        return self.lm_head(x)
+
+    def _run_lanes(
+        self,
+        i: int,
+        attn_lane: Tensor,
+        mlp_lane: Tensor,
+        x0: Tensor,
+        ve: Tensor | None,
+        v0: Tensor | None,
+        cache: LayerCache | None,
+    ) -> tuple[tuple[Tensor, Tensor], Tensor | None]:
+        """Physical block i on TOP's lanes: lane k ← λ_k·lane k + a_k·attn + m_k·mlp."""
+        attn_out, mlp_out, values = self.blocks[i].branches(
+            attn_lane, mlp_lane, x0, self._layer_ve(i, ve), v0, cache
+        )
+        if v0 is None and self.cfg.value_residual:
+            v0 = values
+        dtype = attn_lane.dtype
+        resid = self.parallel_resid_lambdas[i].to(dtype)
+        # post[0] weighs the attention output into (lane 0, lane 1), post[1] the MLP output.
+        post = self.parallel_post_lambdas[i].to(dtype)
+        attn_lane = resid[0] * attn_lane + post[0, 0] * attn_out + post[1, 0] * mlp_out
+        mlp_lane = resid[1] * mlp_lane + post[0, 1] * attn_out + post[1, 1] * mlp_out
+        return (attn_lane, mlp_lane), v0
+
+    def _final_lane(self, attn_lane: Tensor, mlp_lane: Tensor) -> Tensor:
+        if self.cfg.parallel_final_lane == "attn":
+            return attn_lane
+        if self.cfg.parallel_final_lane == "mlp":
+            return mlp_lane
+        return 0.5 * (attn_lane + mlp_lane)
+
+    def _layer_ve(self, i: int, ve: Tensor | None) -> Tensor | None:
+        """The value embedding layer i adds, scaled by its own gain; None where it adds none."""
+        slot = self._ve_slot.get(i)
+        return None if ve is None or slot is None else ve * self.ve_layer_scales[slot].to(ve.dtype)
 
     def _run_block(
         self,
@@ -190,17 +266,24 @@ class GPT(nn.Module):
         cache: LayerCache | None,
     ) -> tuple[Tensor, Tensor | None]:
         """Run physical block i; returns the stream and VRL's layer-0 values (set on first use)."""
-        slot = self._ve_slot.get(i)
-        layer_ve = (
-            None if ve is None or slot is None else ve * self.ve_layer_scales[slot].to(ve.dtype)
-        )
-        x, values = self.blocks[i](x, x0, layer_ve, v0, cache)
+        x, values = self.blocks[i](x, x0, self._layer_ve(i, ve), v0, cache)
         if v0 is None and self.cfg.value_residual:
             v0 = values
         return x, v0
 
     def loss(self, input_ids: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
-        """Cross-entropy in nats; reduction "none" gives one loss per target, shaped as targets."""
+        """Cross-entropy in nats; reduction "none" gives one loss per target, shaped as targets.
+
+        With `fused_softcap_ce`, training (not evaluation, as TOP) takes the fused loss.
+        """
+        if self.cfg.fused_softcap_ce and self.training:
+            z = self._raw_logits(input_ids, None)
+            losses = softcapped_cross_entropy(
+                z.reshape(-1, z.size(-1)), targets.reshape(-1), self.logit_softcap
+            )
+            if reduction == "mean":
+                return losses.mean()
+            return losses.reshape(targets.shape) if reduction == "none" else losses.sum()
         logits = self(input_ids)
         losses = F.cross_entropy(
             logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction

@@ -60,6 +60,27 @@ def split_encoder_decoder(order: tuple[int, ...]) -> tuple[tuple[int, ...], tupl
     return order[:half], order[half:]
 
 
+def _check_lanes(
+    cfg: ModelConfig,
+    parallel: tuple[int, ...],
+    orders: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...],
+) -> None:
+    """TOP's lanes split the stream once and never merge it back before the head, so in every
+    layer order the parallel layers must be a tail of the decoder (TOP: 8..10 of 11, after the
+    looped 3..5); anything else would need a merge TOP does not define."""
+    where = f"model.parallel_lanes with model.parallel_residual_start={cfg.parallel_residual_start}"
+    if not parallel:
+        raise PgolfError(f"{where}: no parallel layer, so no lanes")
+    for encoder, decoder in orders:
+        in_lanes = [i in parallel for i in decoder]
+        tail = in_lanes[in_lanes.index(True) :] if True in in_lanes else []
+        if set(encoder) & set(parallel) or not tail or not all(tail):
+            raise PgolfError(
+                f"{where}: the parallel layers must run last, in the decoder only, "
+                f"but the layer order is encoder {list(encoder)}, decoder {list(decoder)}"
+            )
+
+
 @dataclass(frozen=True)
 class Layout:
     num_layers: int
@@ -97,6 +118,8 @@ def resolve_layout(cfg: ModelConfig) -> Layout:
     if cfg.parallel_residual_start < n:
         first = resolve_layer(cfg.parallel_residual_start, n, "parallel_residual_start")
         parallel = tuple(range(first, n))
+    if cfg.parallel_lanes:
+        _check_lanes(cfg, parallel, (plain, looped))
     ve = parse_layer_list(cfg.ve_layers, n, "ve_layers") if cfg.ve_enabled else ()
     if cfg.ve_enabled and not ve:
         raise PgolfError("model.ve_enabled is on but model.ve_layers lists no layer")
