@@ -23,14 +23,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pgolf import rundir
 from pgolf.artifact.config import ExportConfig
 from pgolf.artifact.container import unpack_artifact
-from pgolf.config import config_from_dict, load_preset
+from pgolf.config import load_preset
 from pgolf.model.gpt import GPT, count_parameters
 from pgolf.quant.export import dequantize_artifact, quantize_model
-from pgolf.quant.fit import BYTES_CAP, artifact_report, fit_to_budget
+from pgolf.quant.fit import artifact_report, fit_to_budget
 from pgolf.quant.hessian import collect_hessians
 from pgolf.quant.pipeline import hessian_names
+from pgolf.rules import BYTES_CAP
 
 
 def emit(**row) -> None:
@@ -62,9 +64,9 @@ def main() -> None:
     if args.run:
         from safetensors.torch import load_file
 
-        cfg = config_from_dict(json.loads((args.run / "config.json").read_text()))
+        cfg = rundir.load_config(args.run)
         model = GPT(cfg.model)
-        model.load_state_dict(load_file(args.run / "model.safetensors"))
+        model.load_state_dict(load_file(args.run / rundir.WEIGHTS))
         ex.keep_float_max_numel = 0  # demo matrices are small; quantise them all
     else:
         model = record_model()

@@ -18,33 +18,18 @@ gap is measured on its last 60k tokens, which training never saw.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import numpy as np
-import torch
+from tiny_model import add_model_arguments, emit, model_under_test
 
 from pgolf.artifact import rans
 from pgolf.artifact.config import ExportConfig
-from pgolf.artifact.container import pack_artifact, pack_sections, unpack_artifact
+from pgolf.artifact.container import pack_artifact, pack_sections
 from pgolf.artifact.int8 import quantize_state_dict_int8
-from pgolf.config import config_from_dict, load_preset
-from pgolf.data.shards import load_tokens, read_shard
-from pgolf.data.tokenizer import build_byte_tables, load_tokenizer
-from pgolf.dist import current_world
-from pgolf.eval.bpb import TorchByteTables
-from pgolf.eval.score import score_nonoverlapping
-from pgolf.model.gpt import GPT
-from pgolf.quant.export import dequantize_artifact, quantize_model
+from pgolf.quant.export import quantize_model
 from pgolf.quant.gptq import ClipRule, GPTQOptions, hessian_error, quantize_matrix
 from pgolf.quant.grid import dequantize
-from pgolf.quant.hessian import collect_hessians
-from pgolf.settings import shared_data
-
-DEV_SHARD = shared_data("corpus", "fineweb_pg_sp1024_dev_shard", "fineweb_train_000000.bin")
-TOKENIZER = shared_data("tokenizers", "fineweb_1024_bpe.model")
-HELD_OUT = 60_000
 
 METHODS = {  # name -> (clip rule, GPTQ options or None)
     "rtn_rowmax": (ClipRule("rowmax"), None),
@@ -59,85 +44,19 @@ METHODS = {  # name -> (clip rule, GPTQ options or None)
 }
 
 
-def emit(**row) -> None:
-    print(json.dumps(row), flush=True)
-
-
-def train_demo(tokens: np.ndarray, seconds: float, seed: int = 0) -> GPT:
-    cfg = load_preset("demo").model
-    torch.manual_seed(seed)
-    model = GPT(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
-    rng = np.random.default_rng(seed)
-    seq, batch = 128, 16
-    t0, step = time.perf_counter(), 0
-    while time.perf_counter() - t0 < seconds:
-        starts = rng.integers(0, len(tokens) - seq - 1, batch)
-        chunk = np.stack([tokens[s : s + seq + 1] for s in starts]).astype(np.int64)
-        x, y = torch.from_numpy(chunk[:, :-1]), torch.from_numpy(chunk[:, 1:])
-        loss = model.loss(x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-    emit(
-        bench="train_demo",
-        steps=step,
-        seconds=round(time.perf_counter() - t0, 1),
-        final_loss=round(loss.item(), 4),
-    )
-    return model
-
-
-def batches(tokens: np.ndarray, n: int, seq: int, start: int = 0) -> list[torch.Tensor]:
-    chunk = np.asarray(tokens[start : start + n * seq], dtype=np.int64)
-    return list(torch.from_numpy(chunk).reshape(-1, 8 if n >= 8 else n, seq))
-
-
-def bpb(model: GPT, tokens: np.ndarray, tables: TorchByteTables, seq: int) -> float:
-    return score_nonoverlapping(model, tokens, seq, 65536, tables, current_world()).bpb
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", type=Path, help="run directory with config.json + model.safetensors")
-    ap.add_argument("--train-seconds", type=float, default=90.0)
-    ap.add_argument("--calib-seqs", type=int, default=64)
+    add_model_arguments(ap, train_seconds=90.0, threads=2)
     ap.add_argument("--bits", default="5,6,8")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--eval-tokens", type=int, default=131072, help="0 = all")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-
-    if args.run:
-        from safetensors.torch import load_file
-
-        from pgolf.data.dataset import resolve_dataset
-
-        cfg = config_from_dict(json.loads((args.run / "config.json").read_text()))
-        model = GPT(cfg.model)
-        model.load_state_dict(load_file(args.run / "model.safetensors"))
-        files = resolve_dataset(cfg.data)
-        train_tokens = load_tokens(files.train[:1])
-        eval_tokens = load_tokens(files.val)
-        tokenizer = files.tokenizer
-        seq = cfg.eval.eval_seq_len or cfg.train.train_seq_len
-    else:
-        all_tokens = np.asarray(read_shard(DEV_SHARD))
-        train_tokens, eval_tokens = all_tokens[:-HELD_OUT], all_tokens[-HELD_OUT:]
-        model = train_demo(train_tokens, args.train_seconds)
-        tokenizer, seq = TOKENIZER, 256
-    model.eval()
-    if args.eval_tokens:
-        eval_tokens = eval_tokens[: args.eval_tokens + 1]
-    vocab = model.cfg.vocab_size
-    tables = TorchByteTables(build_byte_tables(load_tokenizer(tokenizer), vocab))
+    tiny = model_under_test(args)
+    model, seq = tiny.model, tiny.seq
 
     # Calibration from the first training tokens; "held-out" Hessians from tokens further on.
     t0 = time.perf_counter()
-    calib = collect_hessians(model, batches(train_tokens, args.calib_seqs, seq))
+    calib = tiny.hessians(args.calib_seqs)
     calib_s = time.perf_counter() - t0
-    held = collect_hessians(model, batches(train_tokens, 64, seq, start=len(train_tokens) // 2))
+    held = tiny.hessians(64, start=len(tiny.train_tokens) // 2)
     emit(
         bench="calibration",
         seqs=args.calib_seqs,
@@ -180,7 +99,7 @@ def main() -> None:
 
     # Quant gap: whole-model exports. The demo's matrices are ≤ 65,536 elements, which the record
     # rule would keep fp16, so every matrix is quantised here (keep_float_max_numel=0).
-    before = bpb(model, eval_tokens, tables, seq)
+    before = tiny.bpb()
     emit(bench="quant_gap", export="float", bpb=round(before, 5))
     arrays, meta = quantize_state_dict_int8(model.state_dict())
     data = pack_artifact(arrays, meta, codec="zlib")
@@ -196,10 +115,7 @@ def main() -> None:
         qm = quantize_model(model, ex, calib)
         gaps.append((label, pack_sections(qm.arrays, qm.meta).data, None))
     for label, data, _ in gaps:
-        state = dequantize_artifact(*unpack_artifact(data))
-        restored = GPT(model.cfg)
-        restored.load_state_dict(state)
-        after = bpb(restored, eval_tokens, tables, seq)
+        after = tiny.round_trip_bpb(data)
         emit(
             bench="quant_gap",
             export=label,

@@ -11,30 +11,20 @@ artifact bytes (pgolf's container, best codec per section) and the part of them 
 factors, BPB after the round trip, the gap to the float model, and how much of ‖E‖_F the
 corrected matrices kept (with exact and with quantised factors). The demo's matrices are
 ≤ 65,536 elements, which the record rule keeps fp16, so every matrix is quantised here
-(keep_float_max_numel=0). Model, data and calibration as benchmarks/gptq_error.py.
+(keep_float_max_numel=0). Model, data and calibration: benchmarks/tiny_model.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-from pathlib import Path
 
-import numpy as np
-import torch
-from gptq_error import DEV_SHARD, HELD_OUT, TOKENIZER, batches, bpb, emit, train_demo
+from tiny_model import add_model_arguments, emit, model_under_test
 
 from pgolf.artifact.config import ExportConfig
-from pgolf.artifact.container import pack_sections, unpack_artifact
-from pgolf.config import config_from_dict
-from pgolf.data.shards import load_tokens, read_shard
-from pgolf.data.tokenizer import build_byte_tables, load_tokenizer
-from pgolf.eval.bpb import TorchByteTables
-from pgolf.model.gpt import GPT
-from pgolf.quant.export import dequantize_artifact, quantize_model
+from pgolf.artifact.container import pack_sections
+from pgolf.quant.export import quantize_model
 from pgolf.quant.fit import artifact_report
-from pgolf.quant.hessian import collect_hessians
 
 TOP = ExportConfig(
     codec="mixed",
@@ -57,46 +47,25 @@ VARIANTS = {  # name -> changes to TOP
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", type=Path, help="run directory with config.json + model.safetensors")
-    ap.add_argument("--train-seconds", type=float, default=120.0)
-    ap.add_argument("--calib-seqs", type=int, default=64)
+    add_model_arguments(ap, train_seconds=120.0, threads=1)
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--eval-tokens", type=int, default=131072, help="0 = all")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     variants = {v: dataclasses.replace(TOP, **VARIANTS[v]) for v in args.variants.split(",")}
 
-    if args.run:
-        from safetensors.torch import load_file
-
-        from pgolf.data.dataset import resolve_dataset
-
-        cfg = config_from_dict(json.loads((args.run / "config.json").read_text()))
-        model = GPT(cfg.model)
-        model.load_state_dict(load_file(args.run / "model.safetensors"))
-        files = resolve_dataset(cfg.data)
-        train_tokens, eval_tokens = load_tokens(files.train[:1]), load_tokens(files.val)
-        tokenizer, seq = files.tokenizer, cfg.eval.eval_seq_len or cfg.train.train_seq_len
-    else:
-        all_tokens = np.asarray(read_shard(DEV_SHARD))
-        train_tokens, eval_tokens = all_tokens[:-HELD_OUT], all_tokens[-HELD_OUT:]
-        model = train_demo(train_tokens, args.train_seconds)
-        tokenizer, seq = TOKENIZER, 256
-    model.eval()
-    if args.eval_tokens:
-        eval_tokens = eval_tokens[: args.eval_tokens + 1]
-    tables = TorchByteTables(build_byte_tables(load_tokenizer(tokenizer), model.cfg.vocab_size))
-    calib = collect_hessians(model, batches(train_tokens, args.calib_seqs, seq))
-    before = bpb(model, eval_tokens, tables, seq)
-    emit(bench="lqer_gap", export="float", bpb=round(before, 5), eval_tokens=len(eval_tokens) - 1)
+    tiny = model_under_test(args)
+    calib = tiny.hessians(args.calib_seqs)
+    before = tiny.bpb()
+    emit(
+        bench="lqer_gap",
+        export="float",
+        bpb=round(before, 5),
+        eval_tokens=len(tiny.eval_tokens) - 1,
+    )
 
     for label, export in variants.items():
-        qm = quantize_model(model, export, calib)
+        qm = quantize_model(tiny.model, export, calib)
         packed = pack_sections(qm.arrays, qm.meta)
-        restored = GPT(model.cfg)
-        restored.load_state_dict(dequantize_artifact(*unpack_artifact(packed.data)))
-        after = bpb(restored, eval_tokens, tables, seq)
+        after = tiny.round_trip_bpb(packed.data)
         fixes = [st["lqer"] for st in qm.stats.values() if "lqer" in st]
         kept = {}
         if fixes:

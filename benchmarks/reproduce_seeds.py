@@ -34,6 +34,8 @@ from pathlib import Path
 
 from runlock import claim  # benchmarks/ is the script's directory, so on sys.path
 
+from pgolf import rundir
+
 PRESETS = ("baseline", "seed-p639", "seed-p610", "seed-p1004", "seed-p578")
 SEEDS = (1337, 1338)
 STEPS = 200
@@ -113,16 +115,10 @@ def result_row(preset: str, seed: int, steps: int, report: dict, wall_s: float |
     }
 
 
-def finished_report(run_dir: Path) -> dict | None:
-    path = run_dir / "report.json"
-    report = json.loads(path.read_text()) if path.is_file() else {}
-    return report if report.get("val_bpb") is not None else None
-
-
 def run_one(work: Path, data: Path, preset: str, seed: int, steps: int) -> dict:
     run_dir = work / "runs" / f"{preset}_s{seed}"
     with claim(work / "locks" / f"{preset}_s{seed}.lock") as mine:
-        if (report := finished_report(run_dir)) is not None:
+        if (report := rundir.finished_report(run_dir)) is not None:
             return {**result_row(preset, seed, steps, report, None), "skipped": True}
         if not mine:  # another invocation is training it right now
             return {"preset": preset, "seed": seed, "skipped": "running elsewhere"}
@@ -130,7 +126,7 @@ def run_one(work: Path, data: Path, preset: str, seed: int, steps: int) -> dict:
 
 
 def train_in_subprocess(work: Path, run_dir: Path, preset: str, seed: int, steps: int) -> dict:
-    report_path = run_dir / "report.json"
+    report_path = run_dir / rundir.REPORT
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a run killed half way: start it again from scratch
     cmd = [sys.executable, __file__, "--work", str(work), "--steps", str(steps)]
@@ -221,7 +217,7 @@ def main() -> None:
             for preset in presets:
                 # Only finished runs: one in progress has a report without val_bpb.
                 if (
-                    report := finished_report(args.work / "runs" / f"{preset}_s{seed}")
+                    report := rundir.finished_report(args.work / "runs" / f"{preset}_s{seed}")
                 ) is not None:
                     rows.append(result_row(preset, seed, args.steps, report, None))
         for row in rows:

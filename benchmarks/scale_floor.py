@@ -12,29 +12,21 @@ JSON line: artifact bytes (pgolf's container, best codec per section), BPB after
 the gap to the float model, the share of rows whose scale is ≤ 1/qmax (where the floor binds)
 and the mean |q| of the quantised matrices. The demo's
 matrices are ≤ 65,536 elements, which the record rule keeps fp16, so every matrix is quantised
-here (keep_float_max_numel=0). Model, data and calibration as benchmarks/gptq_error.py.
+here (keep_float_max_numel=0). Model, data and calibration: benchmarks/tiny_model.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-from pathlib import Path
 
 import numpy as np
-import torch
-from gptq_error import DEV_SHARD, HELD_OUT, TOKENIZER, batches, bpb, emit, train_demo
+from tiny_model import add_model_arguments, emit, model_under_test
 
-from pgolf.artifact.container import pack_sections, unpack_artifact
-from pgolf.config import config_from_dict, load_preset
-from pgolf.data.shards import load_tokens, read_shard
-from pgolf.data.tokenizer import build_byte_tables, load_tokenizer
-from pgolf.eval.bpb import TorchByteTables
-from pgolf.model.gpt import GPT
-from pgolf.quant.export import dequantize_artifact, quantize_model
+from pgolf.artifact.container import pack_sections
+from pgolf.config import load_preset
+from pgolf.quant.export import quantize_model
 from pgolf.quant.grid import qmax_for
-from pgolf.quant.hessian import collect_hessians
 
 PRESETS = ("pr414", "pr1019", "seed-p578", "seed-p1004")  # GPTQ-lite, S1019 GPTQ, #578 GPTQ, int5
 
@@ -58,50 +50,26 @@ def floored_rows(qm) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", type=Path, help="run directory with config.json + model.safetensors")
-    ap.add_argument("--train-seconds", type=float, default=90.0)
-    ap.add_argument("--calib-seqs", type=int, default=64)
+    add_model_arguments(ap, train_seconds=90.0, threads=1)
     ap.add_argument("--presets", default=",".join(PRESETS))
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--eval-tokens", type=int, default=131072, help="0 = all")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     exports = {p: load_preset(p).export for p in args.presets.split(",")}  # fail before training
 
-    if args.run:
-        from safetensors.torch import load_file
-
-        from pgolf.data.dataset import resolve_dataset
-
-        cfg = config_from_dict(json.loads((args.run / "config.json").read_text()))
-        model = GPT(cfg.model)
-        model.load_state_dict(load_file(args.run / "model.safetensors"))
-        files = resolve_dataset(cfg.data)
-        train_tokens, eval_tokens = load_tokens(files.train[:1]), load_tokens(files.val)
-        tokenizer, seq = files.tokenizer, cfg.eval.eval_seq_len or cfg.train.train_seq_len
-    else:
-        all_tokens = np.asarray(read_shard(DEV_SHARD))
-        train_tokens, eval_tokens = all_tokens[:-HELD_OUT], all_tokens[-HELD_OUT:]
-        model = train_demo(train_tokens, args.train_seconds)
-        tokenizer, seq = TOKENIZER, 256
-    model.eval()
-    if args.eval_tokens:
-        eval_tokens = eval_tokens[: args.eval_tokens + 1]
-    tables = TorchByteTables(build_byte_tables(load_tokenizer(tokenizer), model.cfg.vocab_size))
-    calib = collect_hessians(model, batches(train_tokens, args.calib_seqs, seq))
-    rowmax = [float(p.detach().abs().amax(1).median()) for p in model.parameters() if p.ndim == 2]
-    before = bpb(model, eval_tokens, tables, seq)
+    tiny = model_under_test(args)
+    calib = tiny.hessians(args.calib_seqs)
+    rowmax = [
+        float(p.detach().abs().amax(1).median()) for p in tiny.model.parameters() if p.ndim == 2
+    ]
+    before = tiny.bpb()
     emit(bench="scale_floor", export="float", bpb=round(before, 5),
          median_row_max=round(float(np.median(rowmax)), 4))  # fmt: skip
 
     for preset, export in exports.items():
         for floor in (False, True):
             ex = dataclasses.replace(export, scale_floor=floor, keep_float_max_numel=0)
-            qm = quantize_model(model, ex, calib)
+            qm = quantize_model(tiny.model, ex, calib)
             data = pack_sections(qm.arrays, qm.meta).data
-            restored = GPT(model.cfg)
-            restored.load_state_dict(dequantize_artifact(*unpack_artifact(data)))
-            after = bpb(restored, eval_tokens, tables, seq)
+            after = tiny.round_trip_bpb(data)
             share, mean_q = floored_rows(qm)
             emit(
                 bench="scale_floor",

@@ -3,7 +3,8 @@
 Every preset, shrunk to 4 × 128 with random weights, decodes one token at a time and each step's
 logits must equal the full forward's last position over the same prefix. The nominal RoPE length
 is cut to 8 so that the NTK base changes at every step past it, and variants switch on what no
-preset uses (trigram hash, BOS-aware SmearGate, output gate, recurrence with parallel residuals).
+preset uses (trigram hash, BOS-aware SmearGate, output gate, recurrence with parallel residuals,
+TOP's two lanes).
 Self-generation with the cache must sample exactly the tokens of the full re-forward.
 """
 
@@ -20,7 +21,7 @@ from pgolf.errors import PgolfError
 from pgolf.model.config import ModelConfig
 from pgolf.model.gpt import GPT
 from pgolf.quant import calibration, pipeline
-from tests.parity.models import PRESET_SCRIPT, shrunk_config
+from tests.parity.models import PRESET_SCRIPT, shrunk_config, top_config
 
 TOL = 1e-5
 LENGTH = 14  # past the cut nominal RoPE length of 8, so the NTK base moves at every later step
@@ -46,6 +47,7 @@ CONFIGS = {p: _variant(p) for p in PRESET_SCRIPT} | {
     "pr1019+trigram+gate": _variant("pr1019", bigram_trigram=True, attn_out_gate=True),
     "seed-p639+bos-smear": _variant("seed-p639", smear_gate="v2", bos_id=5),
     "pr1413+parallel": _variant("pr1413", parallel_residual_start=2),
+    "top": dataclasses.replace(top_config(), vocab_size=96),
 }
 
 

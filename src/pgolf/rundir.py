@@ -65,6 +65,13 @@ def update_report(run_dir: Path, write: bool = True, **fields: Any) -> dict[str,
     return report
 
 
+def finished_report(run_dir: Path) -> dict[str, Any] | None:
+    """report.json of a run whose artifact has been scored, else None (not started, or cut
+    short: a sweep runs it again)."""
+    report = read_report(run_dir)
+    return report if report.get("val_bpb") is not None else None
+
+
 def load_evaluated(run_dir: Path) -> tuple[RunConfig, dict[str, Any]]:
     """The config and report of a run whose artifact has been scored, or a PgolfError."""
     run_dir = Path(run_dir)

@@ -21,24 +21,9 @@ from torch import Tensor, nn
 from pgolf.config import load_preset
 from pgolf.model.config import ModelConfig
 from pgolf.model.layout import resolve_layout
+from pgolf.train.config import TrainConfig
 
-from .official import load_official
-
-# pgolf preset -> official script key of the shim.
-# (demo is baseline's architecture at 4 × 128: shrunk, the two are the same model.)
-PRESET_SCRIPT = {
-    "baseline": "base",
-    "pr414": "s414",
-    "pr549": "s549",
-    "pr1019": "s1019",
-    "pr1060": "s1060",
-    "pr1413": "s1413",
-    "seed-p639": "p639",
-    "seed-p610": "p610",
-    "seed-p1004": "p1004",
-    "seed-p578": "p578",
-    "seed-p1351": "p1351",
-}
+from .official import PRESET_SCRIPT, load_official
 
 # Values the record's run command set instead of the script's default (SPEC §5.14: "QK5").
 RUN_COMMAND = {"s1413": {"QK_GAIN_INIT": "5.0"}}
@@ -174,6 +159,7 @@ TOP_ENV = {
     "SPARSE_ATTN_GATE_SCALE": "0.5",
     "SMEAR_GATE_ENABLED": "1",
     "FUSED_CE_ENABLED": "0",
+    "BETA2": "0.99",  # SPEC §5.17: the run's Adam β2 (the script's default is 0.95)
 }
 # pgolf's names for the record's technique parameters (the rest are spelt alike once unbanked).
 TOP_RENAMES = {"smear_gate.weight": "smear.gate_w", "smear_lambda": "smear.lam"}
@@ -203,6 +189,28 @@ def top_config() -> ModelConfig:
         attn_out_gate=True,
         smear_gate="v2",
         orthogonal_init=True,
+    )
+
+
+def top_train_config() -> TrainConfig:
+    """pgolf's optimizer settings for TOP's (SPEC §5.17; its script's defaults otherwise)."""
+    return TrainConfig(
+        matrix_lr=0.026,
+        scalar_lr=0.02,
+        tied_embed_lr=0.03,
+        muon_momentum=0.97,
+        muon_momentum_warmup_start=0.92,
+        muon_momentum_warmup_steps=1500,
+        muon_backend_steps=5,
+        muon_row_normalize=True,
+        muon_polar_express=True,
+        muon_wd=0.095,
+        embed_wd=0.085,
+        adam_wd=0.02,
+        beta1=0.9,
+        beta2=0.99,
+        adam_eps=1e-8,
+        grad_clip_norm=0.3,
     )
 
 

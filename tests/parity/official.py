@@ -9,6 +9,7 @@ files stay in the shared folder and are never copied into this repository. Calls
 
 from __future__ import annotations
 
+import ast
 import base64
 import contextlib
 import importlib.util
@@ -26,6 +27,21 @@ import torch.nn.functional as F
 
 from pgolf.settings import shared_dir
 
+# Each pgolf preset and the script it reproduces (demo is baseline's architecture at 4 × 128:
+# shrunk, the two are the same model).
+PRESET_SCRIPT = {
+    "baseline": "base",
+    "pr414": "s414",
+    "pr549": "s549",
+    "pr1019": "s1019",
+    "pr1060": "s1060",
+    "pr1413": "s1413",
+    "seed-p639": "p639",
+    "seed-p610": "p610",
+    "seed-p1004": "p1004",
+    "seed-p578": "p578",
+    "seed-p1351": "p1351",
+}
 SCRIPTS = {
     "base": "base_train_gpt.py",
     "s414": "s414_train_gpt.py",
@@ -110,8 +126,10 @@ class _BypassedKernel:
         self.name = fn.__name__
 
     def __getitem__(self, grid):
-        raise RuntimeError(f"Triton kernel {self.name} bypassed by the CPU shim: use its "
-                           "plain-PyTorch path (TOP: FUSED_CE_ENABLED=0, MLP use_fused=False)")  # fmt: skip
+        raise RuntimeError(
+            f"Triton kernel {self.name} bypassed by the CPU shim: use its plain-PyTorch path "
+            "(TOP: FUSED_CE_ENABLED=0, MLP use_fused=False)"
+        )
 
 
 def _triton_stubs() -> dict[str, types.ModuleType]:
@@ -185,6 +203,33 @@ def load_official(name: str, **env) -> types.ModuleType:
         module.args = module.Hyperparameters() if hasattr(module, "Hyperparameters") else None
     # Functions that call torch.compile at call time (eval loops, TTT) get the identity too.
     module.torch_compile_identity = _identity_compile
+    return module
+
+
+def load_definitions(name: str, names: tuple[str, ...], **env) -> types.ModuleType:
+    """Only the imports and the top-level `def`/`class` statements `names` of script `name`,
+    executed alone in a fresh module (under the shim, `env` set while they run).
+
+    For scripts whose module-level code cannot run on the CPU. `log` is a no-op unless among
+    `names`; `args` is `Hyperparameters()` read under `env` when that class is among them.
+    """
+    path = reference_path(name)
+    source = _wrapped_source(path) or path.read_text()
+    tree = ast.parse(source)
+    wanted = [
+        node
+        for node in tree.body
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        or (isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in names)
+    ]
+    missing = set(names) - {getattr(node, "name", None) for node in wanted}
+    assert not missing, f"{SCRIPTS[name]} defines no {sorted(missing)}"
+    module = types.ModuleType(f"official_{name}_definitions_{next(_serial)}")
+    module.log = lambda *args, **kwargs: None
+    with _patched({k: str(v) for k, v in env.items()}):
+        code = compile(ast.Module(body=wanted, type_ignores=[]), str(path), "exec")
+        exec(code, module.__dict__)  # noqa: S102 - the script's own text
+        module.args = module.Hyperparameters() if "Hyperparameters" in names else None
     return module
 
 

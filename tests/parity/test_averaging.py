@@ -16,9 +16,8 @@ import torch
 
 from pgolf.config import load_preset
 from pgolf.train.averaging import WeightAverager
-from tests.parity.official import assert_close
+from tests.parity.official import PRESET_SCRIPT, assert_close
 from tests.parity.training import (
-    PRESET_SCRIPT,
     averaging_final_block,
     averaging_setup_block,
     averaging_step_block,

@@ -14,11 +14,7 @@ official totals minus pgolf's are exactly the rescored tail (its predictions, by
 from __future__ import annotations
 
 import ast
-import base64
 import contextlib
-import lzma
-import os
-import re
 import types
 
 import numpy as np
@@ -39,7 +35,7 @@ from tests.conftest import OFFICIAL_TOKENIZER
 from tests.test_eval_scorer import byte_tables, stream_tokens
 
 from .models import PRESET_SCRIPT, official_gpt, official_state_dict, pair
-from .official import assert_close, load_official, no_compile, reference_path
+from .official import assert_close, load_definitions, load_official, no_compile, reference_path
 
 CPU = torch.device("cpu")
 CPU_WORLD = World(rank=0, world_size=1, local_rank=0, device=CPU)
@@ -50,6 +46,16 @@ OLDER_SLIDING = ("s414", "s549", "s1019", "s1060", "p639", "p578", "p1004", "p13
 SCRIPT_PRESET = {script: preset for preset, script in PRESET_SCRIPT.items() if preset != "demo"}
 NATS_RTOL = 1e-9
 FLOAT32_MEAN_RTOL = 1e-6
+
+
+# What S1413's sliding and TTT evals call: the rest of its file is never run.
+S1413_EVAL_DEFINITIONS = (
+    "Hyperparameters",
+    "build_sentencepiece_luts",
+    "_loss_bpb",
+    "eval_val_sliding",
+    "eval_val_sliding_ttt",
+)
 
 
 # -- reading the official sums ------------------------------------------------------------------
@@ -91,35 +97,8 @@ def tapped(namespace):
 
 
 def s1413_namespace(**env) -> types.ModuleType:
-    """S1413's eval functions and Hyperparameters, executed from its decoded source.
-
-    The shim cannot import the whole file on Python 3.11 (it uses 3.12 f-string syntax in a log
-    line); its Hyperparameters line and these functions parse unchanged, so only they are run.
-    """
-    packed = reference_path("s1413").read_text()
-    blob = re.search(r'b85decode\("(.*?)"\)', packed, re.S).group(1)
-    filters = [{"id": lzma.FILTER_LZMA2}]
-    source = lzma.decompress(base64.b85decode(blob), format=lzma.FORMAT_RAW, filters=filters)
-    wanted = (
-        "import ",
-        "from torch",
-        "class Hyperparameters",
-        "def build_sentencepiece_luts",
-        "def _loss_bpb",
-        "def eval_val_sliding",
-    )
-    pieces = [p for p in re.split(r"\n(?=\S)", source.decode()) if p.startswith(wanted)]
-    module = types.ModuleType("official_s1413_eval")
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update({k: str(v) for k, v in env.items()})
-    try:
-        for piece in pieces:
-            exec(compile(piece, "s1413_train_gpt.py", "exec"), module.__dict__)
-        module.args = module.Hyperparameters()
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    module.log = lambda *args, **kwargs: None
+    """S1413's eval functions and Hyperparameters, executed alone from its decoded source."""
+    module = load_definitions("s1413", S1413_EVAL_DEFINITIONS, **env)
     module.args.rank, module.args.world_size = 0, 1
     return module
 

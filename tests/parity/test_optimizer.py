@@ -19,9 +19,8 @@ from pgolf.train.optim import (
     set_lr_scale,
     set_muon_momentum,
 )
-from tests.parity.official import assert_close
+from tests.parity.official import PRESET_SCRIPT, assert_close
 from tests.parity.training import (
-    PRESET_SCRIPT,
     bf16_as_fp32,
     load_script,
     official_model,

@@ -17,9 +17,7 @@ Named differences, pinned rather than hidden:
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import lzma
 import re
 import sys
 from collections.abc import Callable
@@ -33,7 +31,7 @@ from pgolf.quant.export import dequantize_mixed, quantize_state
 from pgolf.quant.gptq import ClipRule, gptq_sweep, quantize_matrix
 from pgolf.quant.policy import class_bits, clip_rule, gptq_options
 from pgolf.train.qat import fake_quantize_rows
-from tests.parity.official import assert_close, load_official, reference_path
+from tests.parity.official import assert_close, load_definitions, load_official
 
 ROWS, COLS = 64, 256  # two GPTQ blocks of 128
 
@@ -70,15 +68,8 @@ def collection_damped(h: torch.Tensor, pct: float) -> torch.Tensor:
 
 
 def s1413_function(name: str) -> Callable:
-    """One top-level function of S1413's self-extracting script, decoded at test time (its full
-    text needs Python ≥ 3.12 f-strings; the quantizer itself parses anywhere)."""
-    blob = re.search(r'b85decode\("(.*?)"\)', reference_path("s1413").read_text(), re.S)
-    filters = [{"id": lzma.FILTER_LZMA2}]
-    raw = lzma.decompress(base64.b85decode(blob.group(1)), lzma.FORMAT_RAW, filters=filters)
-    source = re.search(rf"^def {name}\(.*?(?=^\S)", raw.decode(), re.S | re.M).group(0)
-    namespace = {"torch": torch}
-    exec(compile(source, "s1413_train_gpt.py", "exec"), namespace)
-    return namespace[name]
+    """One top-level function of S1413's self-extracting script, executed alone."""
+    return getattr(load_definitions("s1413", (name,)), name)
 
 
 def preset_quantizer(preset: str, qclass: str = "mlp"):

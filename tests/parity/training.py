@@ -22,21 +22,6 @@ from pgolf.config import RunConfig, load_preset
 from pgolf.model.gpt import GPT
 from tests.parity import official
 
-# Each preset and the script it reproduces.
-PRESET_SCRIPT = {
-    "baseline": "base",
-    "pr414": "s414",
-    "pr549": "s549",
-    "pr1019": "s1019",
-    "pr1060": "s1060",
-    "pr1413": "s1413",
-    "seed-p639": "p639",
-    "seed-p610": "p610",
-    "seed-p1004": "p1004",
-    "seed-p578": "p578",
-    "seed-p1351": "p1351",
-}
-
 # One shape for every script: 4 layers × 128, BigramHash 64×32, VE 32 on layers 2–3, XSA on all
 # four, S1413's loop on layers 1..2, sp1024.
 TINY_ENV = dict(

@@ -15,6 +15,7 @@ from pgolf.errors import PgolfError
 EVAL_MODES = ("nonoverlapping", "sliding")
 TTT_OPTIMIZERS = ("sgd", "adamw")
 TTT_SCHEDULES = ("cosine", "double_cosine", "constant")
+COMPILE_MODES = ("auto", "on", "off")
 
 
 @dataclass
@@ -29,6 +30,7 @@ class EvalConfig:
     per_document_reset: bool = False  # windows never read across a BOS (lm-eval style)
     per_document_sums: bool = False  # also report per-document sums (macro BPB)
     temperature: float = 1.0  # logits ÷ T; anything but 1 is flagged in the compliance record
+    compile: str = "auto"  # torch.compile the scoring forward and TTT step; auto = CUDA only
     # -- eval budget (SPEC §1.3): everything after loading the artifact ------------------------
     eval_time_cap_s: float = 600.0  # 0 = no cap
     eval_time_cap_action: str = "warn"  # "warn" or "stop" (stop = partial coverage, flagged)
@@ -81,6 +83,7 @@ def validate_eval_config(cfg: EvalConfig) -> None:
         (cfg.eval_batch_windows >= 1, "eval.eval_batch_windows must be ≥ 1"),
         (cfg.val_batch_tokens >= 1, "eval.val_batch_tokens must be ≥ 1"),
         (cfg.temperature > 0, "eval.temperature must be > 0"),
+        (cfg.compile in COMPILE_MODES, f"eval.compile must be one of {COMPILE_MODES}"),
         (cfg.eval_time_cap_s >= 0, "eval.eval_time_cap_s must be ≥ 0 (0 = no cap)"),
         (cfg.eval_time_cap_action in ("warn", "stop"), "eval.eval_time_cap_action: warn|stop"),
         (cfg.ttt_chunk_tokens >= 1, "eval.ttt_chunk_tokens must be ≥ 1"),

@@ -24,6 +24,7 @@ from pgolf.eval.scorer import (
     DocumentSums,
     WindowScorer,
     all_reduce_tensor,
+    model_forward,
     running_bpb,
     sums_from_tensor,
 )
@@ -112,6 +113,7 @@ def evaluate(
     documents = None
     if cfg.per_document_sums:
         documents = DocumentSums(document_starts(tokens), world.device)
+    forward = model_forward(model, cfg.compile, world.device)
 
     def scorer(docs: DocumentSums | None) -> WindowScorer:
         return WindowScorer(
@@ -124,6 +126,7 @@ def evaluate(
             cfg.temperature,
             pad_to_full=not cfg.per_document_reset,
             documents=docs,
+            forward=forward,
         )
 
     before: BpbSums | None = None

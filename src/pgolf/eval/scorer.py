@@ -25,6 +25,20 @@ from pgolf.eval.score import autocast_context, rank_window_range
 from pgolf.eval.windows import Tiling
 
 
+def use_compile(setting: str, device: torch.device) -> bool:
+    """Whether eval.compile ("auto", "on", "off") compiles on `device`.
+
+    auto is CUDA only: at the tiny S549 shape on one CPU thread the compiled forward is 1.3× and
+    the TTT step 1.5× faster, but compiling them took 212 s and 342 s, more than a CPU eval runs.
+    """
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
+def model_forward(model: torch.nn.Module, setting: str, device: torch.device) -> Callable:
+    """What scoring and TTT call for logits: `model`, or it compiled (it shares the weights)."""
+    return torch.compile(model) if use_compile(setting, device) else model
+
+
 def sums_from_tensor(t: torch.Tensor) -> BpbSums:
     nats, num_bytes, tokens = t.double().tolist()
     return BpbSums(nats, num_bytes, tokens)
@@ -77,6 +91,7 @@ class WindowScorer:
     # windows are mostly short and are padded only to the longest in their batch.
     pad_to_full: bool = True
     documents: DocumentSums | None = None
+    forward: Callable | None = None  # `model_forward(model, …)`; None = the model itself
 
     def _batch(self, lo: int, hi: int):
         t = self.tiling
@@ -93,22 +108,25 @@ class WindowScorer:
     @torch.no_grad()
     def _score_batch(self, lo: int, hi: int, acc: torch.Tensor, ledger: ScoredLedger | None):
         x, y, scored, pos = self._batch(lo, hi)
+        # Offsets before the batch's first scored one are context only: no logits are made there.
+        first = int(self.tiling.score_from[lo:hi].min())
+        y, scored, pos = y[:, first:], scored[:, first:], pos[:, first:]
         device = self.world.device
         x_t, y_t = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
         mask = torch.from_numpy(scored).to(device)
         with autocast_context(device):
-            logits = self.model(x_t)
+            logits = (self.forward or self.model)(x_t, logits_from=first)
         if self.temperature != 1.0:
             logits = logits / self.temperature
-        # The loss of every row is computed and unscored rows are dropped by `where`: the wasted
-        # softmax rows cost ≪ 1 % of the forward and buy fixed shapes with no device sync per
-        # batch, which selecting rows with a boolean index would force on CUDA.
+        # The loss of every row from `first` on is computed and unscored rows (padding; in the
+        # batch holding window 0, the other windows' context) are dropped by `where`: fixed
+        # shapes, no device sync per batch, which a boolean index would force on CUDA.
         nll = F.cross_entropy(
             logits.reshape(-1, logits.size(-1)).float(), y_t.reshape(-1), reduction="none"
         ).view_as(y_t)
         # Targets sit one past their inputs; padding's positions are clamped and never summed.
         target_pos = np.minimum(pos + 1, len(self.tokens) - 1)
-        nbytes = self.byte_tables.target_bytes(x_t, y_t, target_pos)
+        nbytes = self.byte_tables.target_bytes(x_t[:, first:], y_t, target_pos)
         nats = torch.where(mask, nll.double(), 0.0).sum()
         num_bytes = torch.where(mask, nbytes, 0).sum().double()
         acc += torch.stack((nats, num_bytes, mask.sum().double()))

@@ -259,7 +259,7 @@ class Reach:
             if isinstance(sub, ast.Name) and id(sub) not in bases:
                 module = aliases.get(sub.id) or self._module_alias(mod, sub.id)
                 if module:  # a module used as a value: any of its names may be read
-                    self.add_all(module)
+                    self._add_all(module)
             elif isinstance(sub, ast.Attribute):
                 self._follow_attribute(mod, sub, aliases)
 
@@ -272,7 +272,7 @@ class Reach:
                     return target
         return None
 
-    def add_all(self, module: str) -> None:
+    def _add_all(self, module: str) -> None:
         self.add(module)
         self.todo.append((module, _ALL))
 

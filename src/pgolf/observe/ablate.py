@@ -53,11 +53,6 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")
 
 
-def finished_report(run_dir: Path) -> dict | None:
-    report = rundir.read_report(run_dir)
-    return report if report.get("val_bpb") is not None else None
-
-
 RunFn = Callable[[Path, list[str]], dict]
 
 
@@ -88,7 +83,7 @@ def run_ablation(
         for i in range(seeds):
             seed = base_seed + i
             run_dir = out_dir / f"{slug(name)}_s{seed}"
-            report = finished_report(run_dir)
+            report = rundir.finished_report(run_dir)
             skipped = report is not None
             if report is None:
                 if run_dir.exists():

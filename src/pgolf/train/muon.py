@@ -32,9 +32,6 @@ POLAR_EXPRESS_COEFFS: tuple[Coeffs, ...] = (
     (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
     (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
 )
-# The schedule was derived for singular values in (0, 1]; dividing by 1.02·‖G‖_F instead of ‖G‖_F
-# keeps bf16 rounding from pushing the top one past 1, where the first, steep quintic diverges.
-POLAR_EXPRESS_SAFETY = 1.02
 
 
 def coefficients_for_step(schedule: Sequence[Coeffs], i: int) -> Coeffs:
@@ -46,7 +43,6 @@ def orthogonalize(
     G: torch.Tensor,
     steps: int,
     schedule: Sequence[Coeffs] = (NS5_COEFFS,),
-    safety: float = 1.0,
     eps: float = 1e-7,
 ) -> torch.Tensor:
     """Approximate the polar factor of G (or of each matrix in a stack) with quintic iterations."""
@@ -54,8 +50,7 @@ def orthogonalize(
     # so there it runs in fp32 unless G already comes in bf16 (Muon's `bf16_state`).
     dtype = torch.bfloat16 if G.is_cuda or G.dtype == torch.bfloat16 else torch.float32
     X = G.to(dtype)
-    norm = X.norm(dim=(-2, -1), keepdim=True)
-    X = X / (norm * safety + eps) if safety != 1.0 else X / (norm + eps)
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
     # Iterate on the wide orientation so X Xᵀ is the smaller of the two Gram matrices.
     transposed = G.size(-2) > G.size(-1)
     if transposed:
@@ -80,11 +75,13 @@ def zeropower_newton_schulz5(
     ‖G‖_F into about [0.68, 1.21] (measured on the scalar map) instead of converging to 1, which the
     Muon authors found trains just as well. Smaller ones stay small: a rank-deficient G stays so.
     """
-    return orthogonalize(G, steps, (coeffs,), 1.0, eps)
+    return orthogonalize(G, steps, (coeffs,), eps)
 
 
 def zeropower_polar_express(G: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.Tensor:
-    return orthogonalize(G, steps, POLAR_EXPRESS_COEFFS, POLAR_EXPRESS_SAFETY, eps)
+    """TOP's schedule on G/(‖G‖_F + eps), normalised as TOP does: without the 1.02 margin some
+    ports add against bf16 rounding a singular value past 1; one at 1.01 still ends near 0.93."""
+    return orthogonalize(G, steps, POLAR_EXPRESS_COEFFS, eps)
 
 
 def normalize_rows(U: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
