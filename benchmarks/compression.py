@@ -26,9 +26,10 @@ from torch import nn
 from pgolf import rundir
 from pgolf.artifact.config import ExportConfig
 from pgolf.artifact.container import unpack_artifact
+from pgolf.artifact.load import dequantize_artifact
 from pgolf.config import load_preset
 from pgolf.model.gpt import GPT, count_parameters
-from pgolf.quant.export import dequantize_artifact, quantize_model
+from pgolf.quant.export import quantize_model
 from pgolf.quant.fit import artifact_report, fit_to_budget
 from pgolf.quant.hessian import collect_hessians
 from pgolf.quant.pipeline import hessian_names

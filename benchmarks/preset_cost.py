@@ -38,6 +38,7 @@ TECHNIQUES = {
     "leaky_relu2": dict(mlp_leaky_slope=0.5),
     "vrl": dict(value_residual=True),
     "attn_out_gate": dict(attn_out_gate=True),
+    "doc_masked_attention": dict(doc_masked_attention=True),
     "skip_gates": dict(skip_gates=True),
     "recurrence_x2": dict(num_loops=2, loop_start=1, loop_end=2),
     "parallel_residuals": dict(parallel_residual_start=-2),

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from pgolf.artifact.container import unpack_artifact
+from pgolf.artifact.load import dequantize_artifact
 from pgolf.config import config_from_dict, load_preset
 from pgolf.data.shards import load_tokens, read_shard
 from pgolf.data.tokenizer import build_byte_tables, load_tokenizer
@@ -25,7 +26,6 @@ from pgolf.dist import current_world
 from pgolf.eval.bpb import TorchByteTables
 from pgolf.eval.score import score_nonoverlapping
 from pgolf.model.gpt import GPT
-from pgolf.quant.export import dequantize_artifact
 from pgolf.quant.hessian import collect_hessians
 from pgolf.settings import shared_data
 

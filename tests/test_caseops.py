@@ -35,11 +35,11 @@ from pgolf.dist import World
 from pgolf.errors import PgolfError
 from pgolf.eval.bpb import TorchByteTables
 from pgolf.eval.config import EvalConfig
+from pgolf.eval.data import EvalData
 from pgolf.eval.evaluate import evaluate
 from pgolf.eval.score import score_nonoverlapping
 from pgolf.model.config import ModelConfig
 from pgolf.model.gpt import GPT
-from pgolf.run import EvalData
 from pgolf.settings import shared_data, shared_dir
 
 VERIFY_DOCS = shared_data("corpus", "fineweb_pg_verify_docs", "verify_docs.jsonl")

@@ -283,18 +283,18 @@ def test_the_summary_names_the_codec_and_mode_that_made_the_headline_score():
 def test_a_stage_says_what_to_run_next_and_ctrl_c_says_how_to_resume(tmp_path, capsys, monkeypatch):
     import argparse
 
-    from pgolf import cli
+    from pgolf.cli import presets, stages
     from pgolf.train.trainer import TrainingInterrupted
 
     args = argparse.Namespace(run=str(tmp_path), json=True)
-    cli._stage(args, lambda run, world: {"steps": 3}, then=f"pgolf eval {tmp_path}")
+    stages.run_stage(args, lambda run, world: {"steps": 3}, then=f"pgolf eval {tmp_path}")
     out, err = capsys.readouterr()
     assert json.loads(out) == {"steps": 3} and err == f"next: pgolf eval {tmp_path}\n"
 
     def interrupted(args):
         raise TrainingInterrupted(f"stopped at step 5; pgolf train {tmp_path} --resume")
 
-    monkeypatch.setattr(cli, "cmd_presets", interrupted)  # any command: main handles Ctrl-C
+    monkeypatch.setattr(presets, "cmd_presets", interrupted)  # any command: main handles Ctrl-C
     assert main(["presets"]) == 130
     assert capsys.readouterr().err == (
         f"pgolf: interrupted: stopped at step 5; pgolf train {tmp_path} --resume\n"
@@ -304,7 +304,7 @@ def test_a_stage_says_what_to_run_next_and_ctrl_c_says_how_to_resume(tmp_path, c
 def _name_worker(rank, world_size, port, out_dir):
     from datetime import datetime
 
-    from pgolf.cli import default_run_dir
+    from pgolf.cli.stages import default_run_dir
     from pgolf.dist import shutdown
     from tests.conftest import join_cpu_world
 
@@ -329,12 +329,12 @@ def test_torchrun_ranks_agree_on_the_default_run_folder(tmp_path):
 def test_run_demo_with_data_trains_on_that_data_and_never_builds_the_demo_set(
     extra, tiny_dataset, tmp_path, capsys, monkeypatch
 ):
-    import pgolf.cli
+    from pgolf.cli import stages
 
     def refuse(world):
         raise AssertionError("the demo dataset was built although --data was given")
 
-    monkeypatch.setattr(pgolf.cli, "_ensure_demo_data", refuse)
+    monkeypatch.setattr(stages, "ensure_demo_data", refuse)
     run = tmp_path / "run"
     args = ["run", "--preset", "demo", "--data", str(tiny_dataset), "--out", str(run), *extra]
     code, _, _ = _run_cli([*args, "--json", *TINY], capsys)

@@ -53,8 +53,8 @@ print("BUNDLE-ONLY", json.dumps(sorted(n for n in sys.modules if n.split(".")[0]
 # backends, the audit's probes, the exporter itself
 NEVER_BUNDLED = (
     "pgolf.cli", "pgolf.data.build", "pgolf.data.fetch", "pgolf.data.demo", "pgolf.observe.plot",
-    "pgolf.observe.ablate", "pgolf.observe.commands", "pgolf.audit.probes",
-    "pgolf.audit.commands", "pgolf.export.bundle", "pgolf.export.submission",
+    "pgolf.observe.ablate", "pgolf.cli.observe", "pgolf.audit.probes",
+    "pgolf.cli.audit", "pgolf.export.bundle", "pgolf.export.submission",
 )  # fmt: skip
 # pr1019's stack, small enough to train in seconds (tests/test_golden.py)
 STACK = [

@@ -9,10 +9,11 @@ from torch import nn
 from pgolf.artifact.config import ExportConfig
 from pgolf.artifact.container import read_artifact, unpack_artifact
 from pgolf.artifact.int8 import SCALE_SUFFIX
+from pgolf.artifact.load import dequantize_artifact
 from pgolf.config import config_from_dict, load_preset
 from pgolf.errors import PgolfError
 from pgolf.model.gpt import GPT
-from pgolf.quant.export import dequantize_artifact, parameter_roles, quantize_model
+from pgolf.quant.export import parameter_roles, quantize_model
 from pgolf.quant.fit import BYTES_CAP, default_target_bytes, fit_to_budget
 from pgolf.quant.hessian import collect_hessians
 from pgolf.quant.pipeline import export_mixed, hessian_names

@@ -13,20 +13,15 @@ from torch import nn
 from pgolf.artifact.config import ExportConfig
 from pgolf.artifact.container import pack_sections, read_artifact, unpack_artifact
 from pgolf.artifact.int8 import SCALE_SUFFIX
+from pgolf.artifact.load import dequantize_artifact
+from pgolf.artifact.mixed import FACTOR_A, FACTOR_B, dequantize_groups, dequantize_mixed
 from pgolf.config import load_preset, resolve_config
 from pgolf.errors import PgolfError
 from pgolf.model.gpt import GPT
-from pgolf.quant.export import dequantize_artifact, dequantize_mixed, quantize_model, quantize_state
+from pgolf.quant.export import quantize_model, quantize_state
 from pgolf.quant.grid import dequantize
 from pgolf.quant.hessian import collect_hessians
-from pgolf.quant.lqer import (
-    FACTOR_A,
-    FACTOR_B,
-    dequantize_groups,
-    error_factors,
-    factor_grids,
-    quantize_groups,
-)
+from pgolf.quant.lqer import error_factors, factor_grids, quantize_groups
 from pgolf.quant.pipeline import export_mixed, hessian_names
 from pgolf.quant.policy import plan_tensors
 

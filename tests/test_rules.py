@@ -22,8 +22,7 @@ PASS, FAIL, UNPROVEN = rules.PASS, rules.FAIL, rules.UNPROVEN
     "modules",
     [
         "pgolf.audit, pgolf.observe",
-        "pgolf.audit.commands",
-        "pgolf.observe.commands",
+        "pgolf.cli",  # every command's wiring, `pgolf audit`'s and `pgolf plot`'s included
     ],
 )
 def test_audit_and_observe_read_runs_without_importing_the_pipeline(modules):

@@ -25,4 +25,4 @@ def test_the_code_hash_is_the_same_whichever_pgolf_modules_were_imported(monkeyp
     for name in [n for n in sys.modules if n.startswith(("pgolf.observe", "pgolf.audit"))]:
         monkeypatch.delitem(sys.modules, name)
     assert code_sha256(package_source_files()) == before
-    assert {p.name for p in package_source_files()} >= {"cli.py", "plot.py", "trainer.py"}
+    assert {p.name for p in package_source_files()} >= {"stages.py", "plot.py", "trainer.py"}

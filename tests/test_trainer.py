@@ -41,13 +41,35 @@ def _logged_train(cfg, run_dir):
     return trainer
 
 
+def _assert_same_parameters(a, b):
+    """Bit-identical parameters, in the same order; a difference names the parameter."""
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb), name
+
+
+def _kill_at_call(monkeypatch, at_call, run):
+    """`run()` with Trainer._train_step raising KeyboardInterrupt (a killed process) on its
+    `at_call`-th call, then the real step back in place for the resume."""
+    original_step, calls = Trainer._train_step, {"n": 0}
+
+    def crashing_step(self, scale, measure=False):
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            raise KeyboardInterrupt("simulated kill")
+        return original_step(self, scale, measure)
+
+    monkeypatch.setattr(Trainer, "_train_step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(Trainer, "_train_step", original_step)
+
+
 def test_same_seed_same_config_gives_a_bit_identical_loss_curve(tiny_dataset, tmp_path):
     cfg = tiny_config(tiny_dataset)
     a = _logged_train(cfg, tmp_path / "a")
     b = _logged_train(cfg, tmp_path / "b")
     assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
-    for (name, pa), pb in zip(a.model.named_parameters(), b.model.parameters(), strict=True):
-        assert torch.equal(pa, pb), name
+    _assert_same_parameters(a.model, b.model)
     c = _logged_train(tiny_config(tiny_dataset, seed=99), tmp_path / "c")
     assert not torch.equal(next(c.model.parameters()), next(a.model.parameters()))
 
@@ -75,10 +97,7 @@ def test_periodic_validation_runs_every_k_steps_and_leaves_training_untouched(
     steps = [r for r in records if "train_loss" in r]
     assert all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in steps)
     plain = _logged_train(tiny_config(tiny_dataset), tmp_path / "plain")
-    for (name, a), b in zip(
-        trainer.model.named_parameters(), plain.model.parameters(), strict=True
-    ):
-        assert torch.equal(a, b), name
+    _assert_same_parameters(trainer.model, plain.model)
 
 
 def test_loss_falls_on_official_fineweb_tokens(tiny_dataset, tmp_path):
@@ -92,33 +111,16 @@ def test_loss_falls_on_official_fineweb_tokens(tiny_dataset, tmp_path):
 def test_a_crashed_run_resumes_to_the_same_weights(tiny_dataset, tmp_path, monkeypatch):
     cfg = tiny_config(tiny_dataset, checkpoint_every=5)
     reference, _ = _train(cfg, tmp_path / "reference")
-
-    original_step = Trainer._train_step
-    calls = {"n": 0}
-
-    def crashing_step(self, scale, measure=False):
-        calls["n"] += 1
-        if calls["n"] == 8:
-            raise KeyboardInterrupt("simulated kill")
-        return original_step(self, scale, measure)
-
-    monkeypatch.setattr(Trainer, "_train_step", crashing_step)
-    with pytest.raises(KeyboardInterrupt):
-        _train(cfg, tmp_path / "crashed")
-    monkeypatch.setattr(Trainer, "_train_step", original_step)
+    _kill_at_call(monkeypatch, 8, lambda: _train(cfg, tmp_path / "crashed"))
     resumed, result = _train(cfg, tmp_path / "crashed", resume=True)
     assert result.steps == cfg.train.iterations
-    for (name, pa), pb in zip(
-        reference.model.named_parameters(), resumed.model.parameters(), strict=True
-    ):
-        assert torch.equal(pa, pb), name
+    _assert_same_parameters(reference.model, resumed.model)
 
 
 def test_compile_warmup_steps_are_fully_undone(tiny_dataset, tmp_path):
     plain, _ = _train(tiny_config(tiny_dataset), tmp_path / "plain")
     warmed, _ = _train(tiny_config(tiny_dataset, warmup_steps=3), tmp_path / "warm")
-    for pa, pb in zip(plain.model.parameters(), warmed.model.parameters(), strict=True):
-        assert torch.equal(pa, pb)
+    _assert_same_parameters(plain.model, warmed.model)
 
 
 def test_wallclock_cap_stops_training_early(tiny_dataset, tmp_path):
@@ -186,20 +188,7 @@ def test_a_crashed_run_with_every_switch_on_resumes_bit_exactly(
     # the EMA, the loader's walks and every optimizer's decay state.
     reference, ref_result = _train(cfg, tmp_path / "reference")
     assert ref_result.weights.startswith("0.5·EMA + 0.5·SWA")
-
-    original_step = Trainer._train_step
-    calls = {"n": 0}
-
-    def crashing_step(self, scale, measure=False):
-        calls["n"] += 1
-        if calls["n"] == 11:
-            raise KeyboardInterrupt("simulated kill")
-        return original_step(self, scale, measure)
-
-    monkeypatch.setattr(Trainer, "_train_step", crashing_step)
-    with pytest.raises(KeyboardInterrupt):
-        _train(cfg, tmp_path / "crashed")
-    monkeypatch.setattr(Trainer, "_train_step", original_step)
+    _kill_at_call(monkeypatch, 11, lambda: _train(cfg, tmp_path / "crashed"))
     resumed, result = _train(cfg, tmp_path / "crashed", resume=True)
     assert result.weights == ref_result.weights
     ref_state, got_state = reference.model.state_dict(), resumed.model.state_dict()
@@ -363,24 +352,13 @@ def test_ctrl_c_stops_at_a_step_boundary_with_a_checkpoint_and_says_how_to_resum
     assert torch.load(run_dir / "checkpoint" / "state.pt", weights_only=True)["step"] == 5
     resumed, result = _train(cfg, run_dir, resume=True)
     assert result.steps == cfg.train.iterations
-    for pa, pb in zip(reference.model.parameters(), resumed.model.parameters(), strict=True):
-        assert torch.equal(pa, pb)
+    _assert_same_parameters(reference.model, resumed.model)
 
 
 def test_a_resumed_run_logs_each_step_once(tiny_dataset, tmp_path, monkeypatch):
     cfg = tiny_config(tiny_dataset, checkpoint_every=5, train_log_every=1)
-    original_step, calls = Trainer._train_step, {"n": 0}
-
-    def crashing_step(self, scale, measure=False):
-        calls["n"] += 1
-        if calls["n"] == 8:  # steps 6 and 7 were logged after the step-5 checkpoint
-            raise KeyboardInterrupt("simulated kill")
-        return original_step(self, scale, measure)
-
-    monkeypatch.setattr(Trainer, "_train_step", crashing_step)
-    with pytest.raises(KeyboardInterrupt):
-        _logged_train(cfg, tmp_path / "run")
-    monkeypatch.setattr(Trainer, "_train_step", original_step)
+    # Killed at step 8: steps 6 and 7 were logged after the step-5 checkpoint.
+    _kill_at_call(monkeypatch, 8, lambda: _logged_train(cfg, tmp_path / "run"))
     run_dir = tmp_path / "run"
     Trainer(cfg, resolve_dataset(cfg.data), CPU_WORLD, run_dir, RunLog(run_dir, True, False)).run(
         resume=True

@@ -16,15 +16,12 @@ import pgolf
 from pgolf import rules, rundir
 from pgolf.artifact.container import write_artifact
 from pgolf.artifact.int8 import quantize_state_dict_int8
-from pgolf.audit.records import byte_tables_sha256, data_files_record
+from pgolf.artifact.load import load_artifact_model
 from pgolf.config import RunConfig
-from pgolf.data.caseops import load_byte_sidecar
-from pgolf.data.dataset import DatasetFiles, check_dataset, resolve_dataset
-from pgolf.data.shards import load_tokens
-from pgolf.data.tokenizer import build_byte_tables
+from pgolf.data.dataset import check_dataset, resolve_dataset
 from pgolf.dist import World, barrier
 from pgolf.errors import PgolfError
-from pgolf.eval.bpb import SidecarBytes, TorchByteTables
+from pgolf.eval.data import EvalData
 from pgolf.eval.evaluate import eval_window_length, evaluate
 from pgolf.eval.normalisation import normalisation_probe
 from pgolf.eval.prequant import prequant_ttt
@@ -38,7 +35,6 @@ from pgolf.eval.score import score_nonoverlapping
 from pgolf.fileio import remove_empty_dirs, writable_dir
 from pgolf.model.gpt import GPT
 from pgolf.observe.sinks import open_sinks, require_sinks
-from pgolf.quant.export import load_artifact_model
 from pgolf.quant.pipeline import calibrate, code_budget, export_mixed, fit_log_lines
 from pgolf.runlog import RunLog
 from pgolf.safetensors_io import load_safetensors
@@ -97,29 +93,7 @@ def discard_unstarted_run(run_dir: Path, created: list[Path], world: World) -> N
     remove_empty_dirs(created)
 
 
-# -- data ------------------------------------------------------------------------------------
-class EvalData:
-    """Validation tokens and what counts their bytes, checked against the model.
-
-    That is the tokenizer's byte tables, or for a CaseOps dataset its byte sidecar of original
-    bytes per token (`pgolf.data.caseops`).
-    """
-
-    def __init__(self, cfg: RunConfig, files: DatasetFiles, device: torch.device):
-        sp = check_dataset(files, cfg.data, cfg.model.vocab_size, splits=("val",))
-        tokens = load_tokens(files.val)
-        self.covers_all = not cfg.eval.max_val_tokens or cfg.eval.max_val_tokens >= len(tokens)
-        self.tokens = tokens[: cfg.eval.max_val_tokens] if cfg.eval.max_val_tokens else tokens
-        tables = build_byte_tables(sp, cfg.model.vocab_size)
-        self.byte_tables_sha256 = byte_tables_sha256(tables)  # compared by `pgolf audit`
-        sidecar = load_byte_sidecar(files.val)
-        self.byte_tables = (
-            TorchByteTables(tables, device)
-            if sidecar is None
-            else SidecarBytes(sidecar[: len(self.tokens)], device)
-        )
-
-
+# -- evaluation during training ------------------------------------------------------------
 def score_without_ttt(
     model: torch.nn.Module, cfg: RunConfig, data: EvalData, world: World, progress: bool = False
 ) -> dict:
@@ -217,7 +191,7 @@ def train_stage(
         device=str(world.device),
         pgolf_version=pgolf.__version__,
         config_sha256=cfg.sha256(),
-        data_files=data_files_record(files.train, files.val, files.tokenizer),
+        data_files=files.as_record(),
         **extra,
     )
 

@@ -2,9 +2,11 @@
 
 `load_official("s1019", NUM_LAYERS="4", ...)` imports `reference/s1019_train_gpt.py` as a fresh
 module, with its `Hyperparameters` reading the given environment, `torch.compile` as the identity,
-and FlashAttention replaced by SDPA on its (B, T, H, D) layout. Nothing of the math is touched; the
-files stay in the shared folder and are never copied into this repository. Calls that need CUDA
-(training loops, `main`) are not run: tests call the script's classes and functions directly.
+FlashAttention replaced by SDPA on its (B, T, H, D) layout and, where Triton is not installed, a
+stand-in that lets kernels be defined but not launched (TOP's fused CE and MLP). Nothing of the
+math is touched; the files stay in the shared folder and are never copied into this repository.
+Calls that need CUDA (training loops, `main`) are not run: tests call the script's classes and
+functions directly.
 """
 
 from __future__ import annotations

@@ -1,28 +1,22 @@
 """TOP's export (SPEC §5.19, §5.31) against pgolf's: int6 GPTQ matrices, the int7 embedding, the
 int8-per-row attention gate and the LQER correction of the three worst matrices.
 
-TOP's script imports Triton at the top, so `load_official("top")` cannot run without it. These
-tests take only the definitions they need from the file (its quantiser, the gate and LQER
-packers, `gptq_mixed_quantize`, `dequantize_mixed` and the `Hyperparameters` class read under the
-record's environment) and run them in a namespace of their imports; nothing of the math changes,
-`log` becomes a no-op.
+These tests execute only the definitions they need from TOP's file (its quantiser, the gate and
+LQER packers, `gptq_mixed_quantize`, `dequantize_mixed` and the `Hyperparameters` class read under
+the record's environment) with its imports, through `load_definitions`; nothing of the math
+changes, `log` becomes a no-op.
 """
 
 from __future__ import annotations
-
-import collections
-import os
-import re
-import uuid
 
 import pytest
 import torch
 
 from pgolf.artifact.config import ExportConfig
 from pgolf.artifact.int8 import SCALE_SUFFIX
-from pgolf.quant.export import dequantize_mixed, quantize_state
-from pgolf.quant.lqer import FACTOR_A, FACTOR_B
-from tests.parity.official import assert_close, reference_path
+from pgolf.artifact.mixed import FACTOR_A, FACTOR_B, dequantize_mixed
+from pgolf.quant.export import quantize_state
+from tests.parity.official import assert_close, load_definitions
 
 TOP_DEFINITIONS = (
     "Hyperparameters",
@@ -49,19 +43,6 @@ def _one_thread():
     torch.set_num_threads(1)  # SVD and matmul sums split over threads round differently
     yield
     torch.set_num_threads(saved)
-
-
-def top_definitions(monkeypatch, **env) -> dict:
-    """TOP's top-level definitions named in TOP_DEFINITIONS, its Hyperparameters read under env."""
-    text = reference_path("top").read_text()
-    namespace = {"torch": torch, "os": os, "uuid": uuid, "re": re, "collections": collections}
-    namespace["log"] = lambda *a, **k: None
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    for name in TOP_DEFINITIONS:
-        found = re.search(rf"^(def|class) {name}\b.*?(?=^\S)", text, re.S | re.M)
-        exec(compile(found.group(0), "top_train_gpt.py", "exec"), namespace)
-    return namespace
 
 
 def matrix(rows: int, cols: int, std: float, seed: int) -> torch.Tensor:
@@ -122,13 +103,13 @@ _FACTOR_KEYS = {
 
 
 @pytest.mark.parametrize("asymmetric", [True, False])
-def test_top_export_with_lqer_matches_the_record_bit_for_bit(monkeypatch, asymmetric):
-    top = top_definitions(monkeypatch, **TOP_ENV, LQER_ASYM_ENABLED=str(int(asymmetric)))
-    h = top["Hyperparameters"]()
+def test_top_export_with_lqer_matches_the_record_bit_for_bit(asymmetric):
+    top = load_definitions("top", TOP_DEFINITIONS, **TOP_ENV, LQER_ASYM_ENABLED=int(asymmetric))
+    h = top.args
     assert (h.lqer_enabled, h.lqer_rank, h.lqer_top_k, h.embed_bits) == (True, 4, 3, 7)
     state, roles, hessians = top_state()
-    result, meta = top["gptq_mixed_quantize"](state, hessians, h)
-    theirs = top["dequantize_mixed"](result, meta, state)
+    result, meta = top.gptq_mixed_quantize(state, hessians, h)
+    theirs = top.dequantize_mixed(result, meta, state)
     qm = quantize_state(state, roles, pgolf_top_export(asymmetric), hessians)
     ours = dequantize_mixed(qm.arrays, qm.meta)
 

@@ -18,7 +18,6 @@ Named differences, pinned rather than hidden:
 from __future__ import annotations
 
 import dataclasses
-import re
 import sys
 from collections.abc import Callable
 
@@ -26,8 +25,9 @@ import pytest
 import torch
 
 from pgolf.artifact import int8 as pgolf_int8
+from pgolf.artifact.mixed import dequantize_mixed
 from pgolf.config import load_preset
-from pgolf.quant.export import dequantize_mixed, quantize_state
+from pgolf.quant.export import quantize_state
 from pgolf.quant.gptq import ClipRule, gptq_sweep, quantize_matrix
 from pgolf.quant.policy import class_bits, clip_rule, gptq_options
 from pgolf.train.qat import fake_quantize_rows

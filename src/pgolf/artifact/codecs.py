@@ -8,6 +8,9 @@ brotli on float16 scales, and plain LZ on near-constant control tensors.
 Settings are each back-end's strongest (zstd 22, lzma preset 9 + extreme, brotli 11), as the
 records use them. lzma here is a raw LZMA2 stream: the .xz wrapper would add ~60 bytes per section
 that carry nothing the artifact's own header does not already say.
+
+The optional back-ends (zstandard, brotli) are imported here, on first use, for both container
+layouts: the container imports this module, never the other way round.
 """
 
 from __future__ import annotations
@@ -31,16 +34,22 @@ class SectionCodec(NamedTuple):
     applies: Callable[[str], bool]  # dtype name -> usable for it
 
 
-def _zstd():
-    from pgolf.artifact.container import _zstd_module
+def zstd_module():
+    try:
+        import zstandard
+    except ImportError as e:  # optional at runtime: only artifacts that use zstd need it
+        raise PgolfError(
+            "codec 'zstd' needs the 'zstandard' package (pip install zstandard)"
+        ) from e
+    return zstandard
 
-    return _zstd_module()
 
-
-def _brotli():
-    from pgolf.artifact.container import _brotli_module
-
-    return _brotli_module()
+def brotli_module():
+    try:
+        import brotli
+    except ImportError as e:
+        raise PgolfError("codec 'brotli' needs the 'brotli' package (pip install brotli)") from e
+    return brotli
 
 
 def byte_shuffle(raw: bytes, itemsize: int) -> bytes:
@@ -79,8 +88,8 @@ SECTION_CODECS: dict[str, SectionCodec] = {
         lambda b, i: zlib.compress(b, 9), lambda b, i, n: zlib.decompress(b), _any
     ),
     "zstd": SectionCodec(
-        lambda b, i: _zstd().ZstdCompressor(level=22).compress(b),
-        lambda b, i, n: _zstd().ZstdDecompressor().decompress(b, max_output_size=n),
+        lambda b, i: zstd_module().ZstdCompressor(level=22).compress(b),
+        lambda b, i, n: zstd_module().ZstdDecompressor().decompress(b, max_output_size=n),
         _any,
     ),
     "lzma": SectionCodec(
@@ -89,13 +98,13 @@ SECTION_CODECS: dict[str, SectionCodec] = {
         _any,
     ),
     "brotli": SectionCodec(
-        lambda b, i: _brotli().compress(b, quality=11),
-        lambda b, i, n: _brotli().decompress(b),
+        lambda b, i: brotli_module().compress(b, quality=11),
+        lambda b, i, n: brotli_module().decompress(b),
         _any,
     ),
     "shuffle-brotli": SectionCodec(
-        lambda b, i: _brotli().compress(byte_shuffle(b, i), quality=11),
-        lambda b, i, n: byte_unshuffle(_brotli().decompress(b), i),
+        lambda b, i: brotli_module().compress(byte_shuffle(b, i), quality=11),
+        lambda b, i, n: byte_unshuffle(brotli_module().decompress(b), i),
         lambda dtype: dtype not in ("int8", "uint8", "bool"),  # identical to brotli there
     ),
     # Order-0 entropy coder over the int8 symbols (quantised weights): pgolf.artifact.rans.

@@ -63,6 +63,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from pgolf.artifact import codecs, rans
 from pgolf.errors import PgolfError
 from pgolf.fileio import atomic_write
 
@@ -99,31 +100,13 @@ class Codec(NamedTuple):
     decompress: Callable[[bytes], bytes]
 
 
-def _zstd_module():
-    try:
-        import zstandard
-    except ImportError as e:  # optional at runtime: only artifacts that use zstd need it
-        raise PgolfError(
-            "codec 'zstd' needs the 'zstandard' package (pip install zstandard)"
-        ) from e
-    return zstandard
-
-
-def _brotli_module():
-    try:
-        import brotli
-    except ImportError as e:
-        raise PgolfError("codec 'brotli' needs the 'brotli' package (pip install brotli)") from e
-    return brotli
-
-
 def _zstd_compress(data: bytes) -> bytes:
     # The records use plain level 22 without long-distance matching (SPEC §5.25).
-    return _zstd_module().ZstdCompressor(level=22).compress(data)
+    return codecs.zstd_module().ZstdCompressor(level=22).compress(data)
 
 
 def _zstd_decompress(data: bytes) -> bytes:
-    return _zstd_module().ZstdDecompressor().decompress(data)
+    return codecs.zstd_module().ZstdDecompressor().decompress(data)
 
 
 def _lzma_compress(data: bytes) -> bytes:
@@ -131,11 +114,11 @@ def _lzma_compress(data: bytes) -> bytes:
 
 
 def _brotli_compress(data: bytes) -> bytes:
-    return _brotli_module().compress(data, quality=11)
+    return codecs.brotli_module().compress(data, quality=11)
 
 
 def _brotli_decompress(data: bytes) -> bytes:
-    return _brotli_module().decompress(data)
+    return codecs.brotli_module().decompress(data)
 
 
 # Whole-payload codecs; the settings are the strongest each back-end offers (SPEC §5.25).
@@ -413,8 +396,6 @@ def pack_sections(
     `section_codecs` fixes each section's codec (same groups), e.g. to repack after pruning with
     the codecs an earlier `auto` pack chose, without trying every back-end again.
     """
-    from pgolf.artifact import codecs, rans
-
     if codec != "auto":
         codecs.get_section_codec(codec, "pack_sections")
     groups = default_groups(tensors) if groups is None else groups
@@ -462,7 +443,7 @@ def pack_sections(
         )
     header = {"sections": entries, "meta": meta}
     header_json = json.dumps(header, separators=(",", ":"), allow_nan=False).encode("utf-8")
-    header_blob = _brotli_module().compress(header_json, quality=11)
+    header_blob = codecs.brotli_module().compress(header_json, quality=11)
     body = header_blob + b"".join(blobs)
     digest = hashlib.sha256(body).digest()
     data = _PREAMBLE.pack(MAGIC, SECTIONS_VERSION, len(header_blob)) + digest + body
@@ -476,8 +457,6 @@ def write_sections(path: str | os.PathLike, packed: PackedArtifact) -> int:
 
 
 def _unpack_sections(data: bytes, source: str) -> tuple[dict[str, np.ndarray], dict]:
-    from pgolf.artifact import codecs
-
     start = _PREAMBLE.size + _DIGEST
     if len(data) < start:
         raise PgolfError(f"{source}: truncated artifact: {len(data)} bytes, preamble is {start}")
@@ -489,7 +468,7 @@ def _unpack_sections(data: bytes, source: str) -> tuple[dict[str, np.ndarray], d
         )
     header = None
     try:
-        header = json.loads(_brotli_module().decompress(data[start : start + header_len]))
+        header = json.loads(codecs.brotli_module().decompress(data[start : start + header_len]))
     except PgolfError:
         raise
     except Exception:

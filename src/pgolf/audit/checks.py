@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from pgolf import rules, rundir
+from pgolf.artifact.load import load_artifact_model
 from pgolf.audit import probes
-from pgolf.audit.records import byte_tables_sha256
 from pgolf.config import RunConfig
 from pgolf.data.dataset import resolve_dataset
 from pgolf.data.shards import load_tokens
@@ -25,7 +25,6 @@ from pgolf.eval.bpb import TorchByteTables
 from pgolf.eval.evaluate import batch_windows, eval_window_length
 from pgolf.eval.normalisation import normalisation_probe
 from pgolf.eval.windows import build_tiling
-from pgolf.quant.export import load_artifact_model
 from pgolf.rules import FAIL, PASS, passed, verdict
 
 
@@ -122,7 +121,7 @@ def audit_run(run_dir: Path, world: World | None = None) -> dict:
         check_artifact(run_dir, cfg, report),
         *rules.recorded(report, cfg),
         check_coverage(cfg, report, val_tokens),
-        rules.tokenizer_tables(report.get("byte_tables_sha256"), byte_tables_sha256(tables)),
+        rules.tokenizer_tables(report.get("byte_tables_sha256"), tables.sha256()),
         rules.no_late_optimisation(rundir.read_metrics(run_dir), report),
         *check_probes(run_dir, cfg, report, val_tokens, tables, world),
     ]

@@ -27,6 +27,15 @@ class DatasetFiles:
     val: list[Path]
     tokenizer: Path
 
+    def as_record(self) -> dict:
+        """Resolved paths, as report.json's `data_files` keeps them for the audit's data
+        separation rule: training reads only `train`."""
+        return {
+            "train": [str(Path(p).resolve()) for p in self.train],
+            "val": [str(Path(p).resolve()) for p in self.val],
+            "tokenizer": str(Path(self.tokenizer).resolve()),
+        }
+
 
 def resolve_dataset(data: DataConfig) -> DatasetFiles:
     if not data.path and not (data.train_glob and data.val_glob and data.tokenizer):

@@ -106,6 +106,18 @@ class ByteTables:
     def size(self) -> int:
         return int(self.base_bytes.shape[0])
 
+    def sha256(self) -> str:
+        """A digest of the three tables, dtype- and order-fixed.
+
+        The run records it and the audit rebuilds the tables from the tokenizer file and compares:
+        a silently different denominator is the classic BPB error (SPEC §3.4).
+        """
+        digest = hashlib.sha256()
+        for name in ("base_bytes", "has_leading_space", "is_boundary"):
+            array = np.ascontiguousarray(np.asarray(getattr(self, name)).astype("<i8"))
+            digest.update(name.encode() + b"\0" + array.tobytes())
+        return digest.hexdigest()
+
 
 def build_byte_tables(sp: spm.SentencePieceProcessor, table_size: int | None = None) -> ByteTables:
     """Build the tables exactly as the records' `build_sentencepiece_luts`.

@@ -24,8 +24,8 @@ from pgolf.eval.scorer import (
     DocumentSums,
     WindowScorer,
     all_reduce_tensor,
-    model_forward,
     running_bpb,
+    scoring_model,
     sums_from_tensor,
 )
 from pgolf.eval.ttt import TTTResult, score_first_ttt
@@ -113,11 +113,11 @@ def evaluate(
     documents = None
     if cfg.per_document_sums:
         documents = DocumentSums(document_starts(tokens), world.device)
-    forward = model_forward(model, cfg.compile, world.device)
+    runner = scoring_model(model, cfg.compile, world.device)
 
     def scorer(docs: DocumentSums | None) -> WindowScorer:
         return WindowScorer(
-            model,
+            runner,
             tokens,
             tiling,
             byte_tables,
@@ -126,7 +126,6 @@ def evaluate(
             cfg.temperature,
             pad_to_full=not cfg.per_document_reset,
             documents=docs,
-            forward=forward,
         )
 
     before: BpbSums | None = None

@@ -34,8 +34,8 @@ def use_compile(setting: str, device: torch.device) -> bool:
     return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
-def model_forward(model: torch.nn.Module, setting: str, device: torch.device) -> Callable:
-    """What scoring and TTT call for logits: `model`, or it compiled (it shares the weights)."""
+def scoring_model(model: torch.nn.Module, setting: str, device: torch.device) -> torch.nn.Module:
+    """What scoring and TTT run: `model`, or it compiled (a wrapper sharing its weights)."""
     return torch.compile(model) if use_compile(setting, device) else model
 
 
@@ -91,7 +91,6 @@ class WindowScorer:
     # windows are mostly short and are padded only to the longest in their batch.
     pad_to_full: bool = True
     documents: DocumentSums | None = None
-    forward: Callable | None = None  # `model_forward(model, …)`; None = the model itself
 
     def _batch(self, lo: int, hi: int):
         t = self.tiling
@@ -115,7 +114,7 @@ class WindowScorer:
         x_t, y_t = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
         mask = torch.from_numpy(scored).to(device)
         with autocast_context(device):
-            logits = (self.forward or self.model)(x_t, logits_from=first)
+            logits = self.model(x_t, logits_from=first)
         if self.temperature != 1.0:
             logits = logits / self.temperature
         # The loss of every row from `first` on is computed and unscored rows (padding; in the

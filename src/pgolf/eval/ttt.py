@@ -19,7 +19,6 @@ import contextlib
 import math
 import re
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,7 +36,7 @@ from pgolf.eval.scorer import (
     DocumentSums,
     WindowScorer,
     all_reduce_tensor,
-    model_forward,
+    scoring_model,
     sums_from_tensor,
 )
 from pgolf.eval.windows import Tiling
@@ -254,13 +253,12 @@ def train_step(
     grad_clip: float,
     snr: str = "",
     snr_clamp: tuple[float, float] = (0.3, 3.0),
-    forward: Callable | None = None,
 ) -> float:
     """One step on `pieces` of `tokens` (inputs tokens[a:a+L], targets shifted by one).
 
     Each rank divides its summed loss by the step's *global* target count before the gradient
     all-reduce (SUM), so the update is the mean over the whole step however the pieces are split.
-    Returns this rank's share of the mean loss. `forward` computes the logits (default `model`).
+    Returns this rank's share of the mean loss.
     """
     optimizer.zero_grad(set_to_none=True)
     model.train()
@@ -273,7 +271,7 @@ def train_step(
         x = torch.from_numpy(np.stack([tokens[a : a + length] for a in starts])).to(device)
         y = torch.from_numpy(np.stack([tokens[a + 1 : a + length + 1] for a in starts])).to(device)
         with autocast_context(device):
-            logits = (forward or model)(x)
+            logits = model(x)
         loss = F.cross_entropy(
             logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), reduction="sum"
         )
@@ -402,9 +400,10 @@ def score_first_ttt(
     params = [p for _, p in named]
     snr = ("born" if cfg.ttt_snr_born else "snr") if cfg.ttt_snr_scaling else ""
     ledger = ScoredLedger(tokens)
-    forward = model_forward(model, cfg.compile, world.device)
+    # Scoring and training call this; parameters, flags and restores go through `model`.
+    runner = scoring_model(model, cfg.compile, world.device)
     scorer = WindowScorer(
-        model,
+        runner,
         tokens,
         tiling,
         byte_tables,
@@ -413,7 +412,6 @@ def score_first_ttt(
         cfg.temperature,
         pad_to_full=not cfg.per_document_reset,
         documents=documents,
-        forward=forward,
     )
     result = TTTResult(
         sums=BpbSums(),
@@ -467,8 +465,7 @@ def score_first_ttt(
                         record.lr = chunk_lr(cfg.ttt_lr, k, schedule_chunks, cfg.ttt_lr_schedule)
                         span = (lo, hi, seq_len)
                         record.steps = _train_chunk(
-                            model, named, optimizer, ledger, span, record.lr, cfg, world, snr,
-                            forward,
+                            runner, named, optimizer, ledger, span, record.lr, cfg, world, snr
                         )
                         record.trained = True
                         if ema is not None:
@@ -507,7 +504,6 @@ def _train_chunk(
     cfg: EvalConfig,
     world: World,
     snr: str,
-    forward: Callable,
 ) -> int:
     """E epochs on the targets [lo, hi) that this chunk just scored; returns the step count."""
     lo, hi, seq_len = span
@@ -532,7 +528,6 @@ def _train_chunk(
                 grad_clip=cfg.ttt_grad_clip,
                 snr=snr,
                 snr_clamp=(cfg.ttt_snr_clamp_min, cfg.ttt_snr_clamp_max),
-                forward=forward,
             )
             step += 1
     return step

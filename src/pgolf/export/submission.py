@@ -36,7 +36,7 @@ TECHNIQUES = {
     ("export", "compressor"): "§5.25 compression back-ends",
     ("export", "calib_source"): "§5.23 calibration source (§1.3 timing)",
     ("train", "ema_decay"): "§5.5 EMA of weights",
-    ("train", "qat_start_frac"): "§5.12 late QAT",
+    ("train", "late_qat_threshold"): "§5.12 late QAT",
     ("model", "num_layers"): "§5.2 wider / deeper",
     ("model", "model_dim"): "§5.2 wider / deeper",
     ("model", "xsa_last_n"): "§5.4 XSA",
@@ -44,7 +44,7 @@ TECHNIQUES = {
     ("model", "smear_gate"): "§5.7 SmearGate",
     ("model", "rope_dims"): "§5.9 partial RoPE",
     ("model", "ln_scale"): "§5.10 LN scale",
-    ("model", "mlp_activation"): "§5.13 LeakyReLU(0.5)²",
+    ("model", "mlp_leaky_slope"): "§5.13 LeakyReLU(0.5)²",
     ("model", "logit_softcap"): "§5.15 logit softcap",
 }
 # import name → distribution name, where they differ

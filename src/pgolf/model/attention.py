@@ -2,7 +2,8 @@
 
 Baseline (SPEC §4.1): GQA attention with q/k RMSNorm, RoPE and a learned per-head query gain.
 Switches, each off by default: XSA (§5.4), partial/NTK RoPE (§5.9), value embeddings added to V
-(§5.11), VRL blending with layer 0's values (§9.1), sparse per-head output gate (§5.31).
+(§5.11), VRL blending with layer 0's values (§9.1), sparse per-head output gate and attention
+restricted to each document (§5.31, `pgolf.model.doc_mask`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch import Tensor, nn
 from pgolf.errors import PgolfError
 from pgolf.model.config import ModelConfig
 from pgolf.model.decode import LayerCache
+from pgolf.model.doc_mask import Documents, document_attention
 from pgolf.model.layers import CastedLinear, Rotary, apply_rotary, rms_norm
 from pgolf.model.precision import precision_on
 from pgolf.model.roles import with_role
@@ -101,8 +103,10 @@ class CausalSelfAttention(nn.Module):
         ve: Tensor | None = None,
         v0: Tensor | None = None,
         cache: LayerCache | None = None,
+        docs: Documents | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """With a cache, x holds only the positions after the cached ones (`pgolf.model.decode`)."""
+        """With a cache, x holds only the positions after the cached ones (`pgolf.model.decode`);
+        with `docs`, each position attends only within its document."""
         b, t, d = x.shape
         q = self.c_q(x).reshape(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.c_k(x).reshape(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -123,7 +127,11 @@ class CausalSelfAttention(nn.Module):
             cos, sin, k, v_all = cache.extend(k, v, self.rotary)
         q = apply_rotary(q, cos, sin)
         q = q * self.q_gain.to(q.dtype)[None, :, None, None]
-        y = _causal_attention(q, k, v_all, gqa=self.num_kv_heads != self.num_heads)
+        gqa = self.num_kv_heads != self.num_heads
+        if docs is None:
+            y = _causal_attention(q, k, v_all, gqa=gqa)
+        else:
+            y = document_attention(q, k, v_all, docs, gqa=gqa)
         if self.use_xsa:
             # Against the values actually attended over (VRL-blended when on), as P639 does.
             y = exclude_self_value(y, v)

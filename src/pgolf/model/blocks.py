@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from pgolf.model.attention import CausalSelfAttention
 from pgolf.model.config import ModelConfig
 from pgolf.model.decode import LayerCache
+from pgolf.model.doc_mask import Documents
 from pgolf.model.layers import rms_norm
 from pgolf.model.mlp import MLP
 from pgolf.model.roles import with_role
@@ -60,11 +61,12 @@ class Block(nn.Module):
         ve: Tensor | None = None,
         v0: Tensor | None = None,
         cache: LayerCache | None = None,
+        docs: Documents | None = None,
     ) -> tuple[Tensor, Tensor]:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         n = self._norm(x)
-        attn_out, values = self.attn(n, ve, v0, cache)
+        attn_out, values = self.attn(n, ve, v0, cache, docs)
         if self.parallel:
             mlp_out = self.mlp(n)
             x = x + self.attn_scale.to(x.dtype) * attn_out
@@ -80,6 +82,7 @@ class Block(nn.Module):
         ve: Tensor | None = None,
         v0: Tensor | None = None,
         cache: LayerCache | None = None,
+        docs: Documents | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """(scaled attention output, scaled MLP output, values) for TOP's two-lane decoder.
 
@@ -88,7 +91,7 @@ class Block(nn.Module):
         """
         mix = self.resid_mix.to(attn_lane.dtype)
         attn_in = mix[0] * attn_lane + mix[1] * x0
-        attn_out, values = self.attn(self._norm(attn_in), ve, v0, cache)
+        attn_out, values = self.attn(self._norm(attn_in), ve, v0, cache, docs)
         mlp_out = self.mlp(self._norm(mlp_lane))
         return (
             self.attn_scale.to(attn_out.dtype) * attn_out,

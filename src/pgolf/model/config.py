@@ -54,6 +54,10 @@ class ModelConfig:
     # Sparse attention output gate (§5.31): per head σ(0.5·W·x[:window]) scales the head output.
     attn_out_gate: bool = False
     attn_out_gate_window: int = 12
+    # Document-masked ("VarLen") attention (§5.31): a query sees only keys of its own document,
+    # each BOS (`bos_id`) opening a new one. Attention only: SmearGate v1 and BigramHash still
+    # mix a document's last token into the next one's BOS (use SmearGate v2 with it, as TOP).
+    doc_masked_attention: bool = False
 
     # -- embeddings --
     # BigramHash (§5.8): K buckets × D dims; 0 buckets = off.

@@ -11,6 +11,8 @@ remembered, and why a plain K/V pair is not quite enough:
   exactly as a full re-forward of the prefix would.
 - The last few token ids: BigramHash hashes the previous one or two tokens and SmearGate mixes in
   the previous position's embedding, so the embedding stage re-runs on a short look-back window.
+- With document-masked attention, the document index of every cached position, so that a BOS
+  among the new tokens opens a new document and earlier ones stay masked.
 Everything else (XSA, value embeddings, the output gate, U-Net skips, parallel residuals, LN scale,
 the head) is per position and needs no memory.
 """
@@ -69,6 +71,7 @@ class DecodeCache:
         self.layers = [LayerCache() for _ in range(num_calls)]
         self.looped = looped  # the layer order the cached keys were made with
         self.ids: Tensor | None = None  # the last EMBED_LOOKBACK tokens seen
+        self.doc_ids: Tensor | None = None  # document index of every position, [B, T]
 
     @property
     def length(self) -> int:

@@ -24,6 +24,7 @@ from pgolf.config import ModelConfig
 from pgolf.errors import PgolfError
 from pgolf.model.blocks import Block
 from pgolf.model.decode import DecodeCache, LayerCache
+from pgolf.model.doc_mask import Documents, documents
 from pgolf.model.embeddings import (
     BigramHashEmbedding,
     BosSmearGate,
@@ -77,6 +78,7 @@ class GPT(nn.Module):
         # TOP's lane weights, one row per physical layer as TOP sizes them (rows of sequential
         # layers stay unused): each lane keeps 1.1× itself and takes 1× of both outputs at init.
         self.parallel_post_lambdas = self.parallel_resid_lambdas = None
+        self._lane_layers = frozenset(layout.parallel if cfg.parallel_lanes else ())
         if cfg.parallel_lanes:
             self.parallel_post_lambdas = _scalar(torch.ones(cfg.num_layers, 2, 2))
             self.parallel_resid_lambdas = _scalar(torch.full((cfg.num_layers, 2), 1.1))
@@ -196,16 +198,17 @@ class GPT(nn.Module):
             window = cache.embed_window(input_ids)
         # Without a cache the window is input_ids and the slice keeps everything.
         x = x0 = self._embed(window)[:, -input_ids.size(1) :]
+        docs = self._documents(input_ids, cache)
         ve = self.ve_shared(input_ids) if self.ve_shared is not None else None
         v0: Tensor | None = None
         skips: list[Tensor] = []
         for k, i in enumerate(encoder):
-            x, v0 = self._run_block(i, x, x0, ve, v0, calls[k])
+            x, v0 = self._run_block(i, x, x0, ve, v0, calls[k], docs)
             skips.append(x)
         lanes: tuple[Tensor, Tensor] | None = None
         for j, i in enumerate(decoder):
             call = calls[len(encoder) + j]
-            if lanes is None and self.parallel_resid_lambdas is not None and i in self.layout.parallel:
+            if lanes is None and i in self._lane_layers:
                 lanes = (x, x)  # the first lane layer splits the stream (a tail: see layout)
             stream = x if lanes is None else lanes[0]
             # The stack pairs the last encoder output with the first decoder block, like a U-Net;
@@ -213,9 +216,9 @@ class GPT(nn.Module):
             if j < self.num_skip_weights and skips:
                 stream = self._merge_skip(j, stream, skips.pop())
             if lanes is None:
-                x, v0 = self._run_block(i, stream, x0, ve, v0, call)
+                x, v0 = self._run_block(i, stream, x0, ve, v0, call, docs)
             else:
-                lanes, v0 = self._run_lanes(i, stream, lanes[1], x0, ve, v0, call)
+                lanes, v0 = self._run_lanes(i, stream, lanes[1], x0, ve, v0, call, docs)
         if lanes is not None:
             x = self._final_lane(*lanes)
         # Sliding-window scoring needs only its scored positions (a quarter at stride T/4): the
@@ -235,10 +238,11 @@ class GPT(nn.Module):
         ve: Tensor | None,
         v0: Tensor | None,
         cache: LayerCache | None,
+        docs: Documents | None,
     ) -> tuple[tuple[Tensor, Tensor], Tensor | None]:
         """Physical block i on TOP's lanes: lane k ← λ_k·lane k + a_k·attn + m_k·mlp."""
         attn_out, mlp_out, values = self.blocks[i].branches(
-            attn_lane, mlp_lane, x0, self._layer_ve(i, ve), v0, cache
+            attn_lane, mlp_lane, x0, self._layer_ve(i, ve), v0, cache, docs
         )
         if v0 is None and self.cfg.value_residual:
             v0 = values
@@ -257,6 +261,15 @@ class GPT(nn.Module):
             return mlp_lane
         return 0.5 * (attn_lane + mlp_lane)
 
+    def _documents(self, input_ids: Tensor, cache: DecodeCache | None) -> Documents | None:
+        """Each position's document when attention is document-masked; the cache keeps count."""
+        if not self.cfg.doc_masked_attention:
+            return None
+        docs = documents(input_ids, self.cfg.bos_id, None if cache is None else cache.doc_ids)
+        if cache is not None:
+            cache.doc_ids = docs.k
+        return docs
+
     def _layer_ve(self, i: int, ve: Tensor | None) -> Tensor | None:
         """The value embedding layer i adds, scaled by its own gain; None where it adds none."""
         slot = self._ve_slot.get(i)
@@ -270,9 +283,10 @@ class GPT(nn.Module):
         ve: Tensor | None,
         v0: Tensor | None,
         cache: LayerCache | None,
+        docs: Documents | None,
     ) -> tuple[Tensor, Tensor | None]:
         """Run physical block i; returns the stream and VRL's layer-0 values (set on first use)."""
-        x, values = self.blocks[i](x, x0, self._layer_ve(i, ve), v0, cache)
+        x, values = self.blocks[i](x, x0, self._layer_ve(i, ve), v0, cache, docs)
         if v0 is None and self.cfg.value_residual:
             v0 = values
         return x, v0

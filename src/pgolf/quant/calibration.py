@@ -5,8 +5,8 @@ training data counts as training time. So:
 - `train_batches` takes only official training shard names (`fineweb_train_NNNNNN.bin`) and refuses
   a validation shard outright, whether it comes as a path list or inside a DistributedTokenLoader;
   there is no switch that lets validation tokens through;
-- its caller times it (`timed`) and charges the seconds to training via the calibration reserve
-  (`train.gptq_reserve_seconds`).
+- its caller (`pgolf.quant.pipeline.calibrate`) times the whole calibration and charges the
+  seconds to training via the calibration reserve (`train.gptq_reserve_seconds`).
 - `self_generated` (SPEC §5.23) samples sequences from the trained model itself: no data at all.
 """
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -173,16 +172,3 @@ def self_generated(
             yield ids
     finally:
         model.train(was_training)
-
-
-def timed(batches: Iterator[Tensor], clock: list[float]) -> Iterator[Tensor]:
-    """Pass batches through, adding the seconds spent producing *and* consuming them to clock[0].
-
-    Wrapping the batches handed to `collect_hessians` times the whole calibration (reading,
-    generating and the hooked forwards), which is what the training budget must cover.
-    """
-    t0 = time.perf_counter()
-    try:
-        yield from batches
-    finally:
-        clock[0] += time.perf_counter() - t0

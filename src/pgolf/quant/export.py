@@ -1,43 +1,29 @@
-"""Quantise a whole model by plan (policy) into container arrays, and restore it (SPEC §5.19).
+"""Quantise a whole model by plan (policy) into container arrays (SPEC §5.19).
 
-Arrays for the container: an int tensor stores its int8 values under its own name and its float16
-row scales under `name + SCALE_SUFFIX`; float16 and raw tensors store themselves; with
-`export.lqer` the corrected matrices add their low-rank factors (`pgolf.quant.lqer`). `meta` records
-each tensor's scheme, original dtype and shape, so dequantisation restores a state dict that
-`load_state_dict(strict=True)` accepts. Meta dtype names are looked up in a fixed table, never
-resolved by attribute (the artifact is data, DESIGN).
+The arrays and meta are the mixed format, `pgolf.artifact.mixed`, which also reads them back;
+with `export.lqer` the corrected matrices add their low-rank factors (`pgolf.quant.lqer`).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from pgolf.artifact.config import ExportConfig
-from pgolf.artifact.container import read_artifact, tensor_to_array
-from pgolf.artifact.int8 import FORMAT as INT8_FORMAT
-from pgolf.artifact.int8 import (
-    SCALE_SUFFIX,
-    dequantize_state_dict_int8,
-    rebuild_state,
-    require_scales,
-)
+from pgolf.artifact.container import tensor_to_array
+from pgolf.artifact.int8 import SCALE_SUFFIX
+from pgolf.artifact.mixed import FORMAT
 from pgolf.errors import PgolfError
-from pgolf.model.config import ModelConfig
-from pgolf.model.gpt import GPT
 from pgolf.model.roles import role_of
 from pgolf.progress import progress_bar
 from pgolf.quant import lqer
 from pgolf.quant.gptq import quantize_matrix
 from pgolf.quant.hessian import HessianCollector
 from pgolf.quant.policy import TensorPlan, gptq_options, plan_tensors
-
-FORMAT = "pgolf-mixed-v1"
 
 
 @dataclass
@@ -126,47 +112,6 @@ def quantize_state(
         for name, st in lqer.add_corrections(state, arrays, entries, cfg).items():
             stats[name]["lqer"] = st
     return QuantizedModel(arrays, {"format": FORMAT, "tensors": entries}, plans, stats)
-
-
-def _decode_mixed(name: str, scheme, stored: Tensor, scale: Tensor | None) -> Tensor:
-    if scheme in ("raw", "float16"):
-        return stored
-    if scheme != "int":
-        raise PgolfError(f"artifact meta: tensor {name!r} has unknown scheme {scheme!r}")
-    scale = require_scales(name, scale)
-    if stored.ndim != 2 or scale.shape != (stored.shape[0],):
-        raise PgolfError(
-            f"artifact: tensor {name!r} has {tuple(scale.shape)} scales for a "
-            f"{tuple(stored.shape)} matrix"
-        )
-    return stored.float() * scale[:, None]
-
-
-def dequantize_mixed(arrays: dict[str, np.ndarray], meta: dict) -> dict[str, Tensor]:
-    """Inverse of `quantize_state`: q · s per row (+ the LQER factors' product) in float32, then
-    the original dtype."""
-
-    def decode(name: str, scheme, stored: Tensor, scale: Tensor | None) -> Tensor:
-        w = _decode_mixed(name, scheme, stored, scale)
-        return lqer.apply_correction(w, name, meta["tensors"][name], arrays)
-
-    return rebuild_state(arrays, meta, FORMAT, decode)
-
-
-def dequantize_artifact(arrays: dict[str, np.ndarray], meta: dict) -> dict[str, Tensor]:
-    """Either export format back to a float state dict (eval loads any artifact through this)."""
-    fmt = meta.get("format") if isinstance(meta, dict) else None
-    if fmt == INT8_FORMAT:
-        return dequantize_state_dict_int8(arrays, meta)
-    return dequantize_mixed(arrays, meta)
-
-
-def load_artifact_model(path: Path, cfg: ModelConfig, device: torch.device) -> nn.Module:
-    """The model an artifact file decodes to, as the evaluation scores it."""
-    arrays, meta = read_artifact(path)
-    model = GPT(cfg)
-    model.load_state_dict(dequantize_artifact(arrays, meta), strict=True)
-    return model.to(device)
 
 
 def quantize_model(

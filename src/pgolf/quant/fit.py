@@ -25,9 +25,9 @@ import torch
 from pgolf.artifact import rans
 from pgolf.artifact.container import PackedArtifact, pack_sections
 from pgolf.artifact.int8 import SCALE_SUFFIX
+from pgolf.artifact.mixed import LQER_MARK
 from pgolf.errors import PgolfError
 from pgolf.quant.export import QuantizedModel
-from pgolf.quant.lqer import LQER_MARK
 from pgolf.rules import BYTES_CAP
 
 PRUNE_MODES = ("pm1", "magnitude", "none")

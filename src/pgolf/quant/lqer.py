@@ -21,7 +21,8 @@ per group of consecutive entries of the flattened factor:
 Integers are chosen against the float16 scale the decoder multiplies by.
 
 In the artifact the factors are ordinary int8 arrays `NAME::lqer_a` / `NAME::lqer_b` with their
-scales under `SCALE_SUFFIX`, and NAME's meta entry gains `"lqer": {"rank", "layout"}`. They are
+scales under `SCALE_SUFFIX`, and NAME's meta entry gains `"lqer": {"rank", "layout"}`; the decoder,
+`apply_correction`, is the format's reader, `pgolf.artifact.mixed`. They are
 packed into sections like everything else, so the packed size the fitter holds to the target
 counts them. The fitter prunes only the main integers; a pruned entry's error is then not covered
 by the correction, which was fitted before.
@@ -36,15 +37,10 @@ import torch
 from torch import Tensor
 
 from pgolf.artifact.config import ExportConfig
-from pgolf.artifact.container import array_to_tensor
 from pgolf.artifact.int8 import SCALE_SUFFIX
+from pgolf.artifact.mixed import FACTOR_A, FACTOR_B, dequantize_groups
 from pgolf.errors import PgolfError
 from pgolf.quant.grid import to_fp16_scale
-
-LQER_MARK = "::lqer_"
-FACTOR_A = LQER_MARK + "a"
-FACTOR_B = LQER_MARK + "b"
-LAYOUTS = ("asym", "sym")
 
 
 def check_config(cfg: ExportConfig) -> None:
@@ -72,10 +68,6 @@ def quantize_groups(x: Tensor, group: int, lo: int, hi: int) -> tuple[Tensor, Te
     scale = to_fp16_scale(g.abs().amax(dim=1) / ((hi - lo) / 2))
     q = torch.round(g / scale[:, None]).clamp_(lo, hi).to(torch.int8)
     return q.reshape(x.shape), scale
-
-
-def dequantize_groups(q: Tensor, scale: Tensor) -> Tensor:
-    return (q.reshape(scale.numel(), -1).float() * scale[:, None]).reshape(q.shape)
 
 
 def factor_grids(cfg: ExportConfig, rows: int, cols: int, rank: int) -> tuple[str, tuple, tuple]:
@@ -134,29 +126,3 @@ def add_corrections(
             "error_norm_corrected": float(left.norm()),
         }
     return stats
-
-
-def _factor(arrays: dict[str, np.ndarray], key: str, shape: tuple[int, int]) -> Tensor:
-    if key not in arrays or key + SCALE_SUFFIX not in arrays:
-        raise PgolfError(f"artifact: LQER factor {key!r} or its scales are missing")
-    q = array_to_tensor(arrays[key])
-    scale = array_to_tensor(arrays[key + SCALE_SUFFIX]).float().reshape(-1)
-    if tuple(q.shape) != shape or scale.numel() == 0 or q.numel() % scale.numel():
-        raise PgolfError(
-            f"artifact: LQER factor {key!r} is {tuple(q.shape)} with {scale.numel()} scales; "
-            f"expected {shape} with a whole number of entries per scale"
-        )
-    return dequantize_groups(q, scale)
-
-
-def apply_correction(w: Tensor, name: str, entry: dict, arrays: dict[str, np.ndarray]) -> Tensor:
-    """deq(Q) + Â·B̂ where NAME's meta entry has an LQER correction, else `w` unchanged."""
-    info = entry.get("lqer")
-    if info is None:
-        return w
-    rank = info.get("rank") if isinstance(info, dict) else None
-    if not isinstance(rank, int) or rank < 1 or info.get("layout") not in LAYOUTS or w.ndim != 2:
-        raise PgolfError(f"artifact meta: tensor {name!r} has an invalid LQER entry {info!r}")
-    a = _factor(arrays, name + FACTOR_A, (w.shape[0], rank))
-    b = _factor(arrays, name + FACTOR_B, (rank, w.shape[1]))
-    return w + a @ b

@@ -64,7 +64,6 @@ def calibrate(
         raise PgolfError(
             f"export.calib_source {ex.calib_source!r}: expected one of {CALIB_SOURCES}"
         )
-    clock = [0.0]
     t0 = time.perf_counter()
     if ex.calib_source == "train":
         if loader is None and files is None:
@@ -98,7 +97,7 @@ def calibrate(
         info["selfgen_len"] = length
     hessians = collect_hessians(
         model,
-        calibration.timed(batches, clock),
+        batches,
         names,
         all_reduce=ex.calib_all_reduce,
         progress=progress and world.is_main,

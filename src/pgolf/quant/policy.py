@@ -32,7 +32,6 @@ from pgolf.errors import PgolfError
 from pgolf.quant.gptq import ClipRule, GPTQOptions
 from pgolf.quant.grid import SUPPORTED_BITS
 
-QUANT_CLASSES = ("embed", "table", "head", "attn", "mlp", "matrix")
 TOKEN_EMBEDDING = "tok_emb.weight"
 _OVERRIDE = re.compile(r"^(fp16|int([5-8]))([+-]gptq)?(?::([a-z-]+))?$")
 
@@ -40,7 +39,7 @@ _OVERRIDE = re.compile(r"^(fp16|int([5-8]))([+-]gptq)?(?::([a-z-]+))?$")
 @dataclass(frozen=True)
 class TensorPlan:
     scheme: str  # "int" | "float16" | "raw"
-    qclass: str  # a QUANT_CLASSES entry, "float" or "raw"
+    qclass: str  # `quant_class`'s: embed, table, head, attn, mlp, matrix; or "float", "raw"
     bits: int = 0
     clip: ClipRule | None = None
     gptq: bool = False

@@ -1,8 +1,9 @@
-"""The budget clock: wall time split into what the rules count (SPEC §1.3).
+"""The training clock: the wall time the training rule counts (SPEC §1.3).
 
-Training time excludes compile warm-up and validation pauses; calibration that reads training data
-is charged to training; everything after the artifact is loaded is evaluation time. On CUDA the
-clock synchronises before reading the time so queued kernels are not left uncounted.
+Training time excludes compile warm-up and validation pauses. The other budgets are timed where
+they happen: calibration that reads training data by `pgolf.quant.pipeline.calibrate` (charged to
+training through its reserve), and everything from loading the artifact on by the evaluation. On
+CUDA the clock synchronises before reading the time so queued kernels are not left uncounted.
 """
 
 from __future__ import annotations
@@ -29,8 +30,6 @@ class BudgetClock:
         self.device = device
         self.now = now  # seconds; tests pass a fake clock
         self.train_ms = train_ms  # accumulated counted training time
-        self.calib_ms = 0.0
-        self.eval_ms = 0.0
         self._running_since: float | None = None
 
     def start(self) -> None:
@@ -60,15 +59,3 @@ class BudgetClock:
         finally:
             if was_running:
                 self.start()
-
-    @contextlib.contextmanager
-    def measure(self, bucket: str) -> Iterator[None]:
-        """Charge the block's wall time to `calib` or `eval`."""
-        _sync(self.device)
-        t0 = self.now()
-        try:
-            yield
-        finally:
-            _sync(self.device)
-            ms = 1000.0 * (self.now() - t0)
-            setattr(self, f"{bucket}_ms", getattr(self, f"{bucket}_ms") + ms)

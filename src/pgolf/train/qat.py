@@ -9,7 +9,7 @@ Why this shape:
   constant-folded at the first trace, so flipping it later changed nothing (§5.12). Here the switch
   is a 0-d tensor read inside the graph and flipped in place, so a compiled graph follows it
   without a recompile. When off it multiplies the correction by 0, leaving the weights bit-exact.
-- The model code is not touched: `attach_qat` gives each matrix layer an instance-level `forward`
+- The model code is not touched: `QAT(model)` gives each matrix layer an instance-level `forward`
   (the class's forward is untouched and comes back on `detach`). Parameters, their names and the
   state dict stay exactly as they were, so checkpoints and exports never see QAT.
 - Clipping matches the exporter: the row scale is `clip/qmax` with `clip` the row's
@@ -106,9 +106,3 @@ class QAT:
             if "forward" in m.__dict__:
                 del m.forward
         self.modules = []
-
-
-def attach_qat(
-    model: nn.Module, bits: int = 6, clip_percentile: float = 100.0, scale_floor: bool = False
-) -> QAT:
-    return QAT(model, bits, clip_percentile, scale_floor)

@@ -50,7 +50,7 @@ from pgolf.train.optim import (
     set_muon_momentum,
 )
 from pgolf.train.qat import QAT
-from pgolf.train.schedule import training_frac, warmdown_scale, warmup_factor
+from pgolf.train.schedule import scheduled_lr_scale, training_frac, warmdown_scale
 
 
 class _LossModule(nn.Module):
@@ -406,8 +406,9 @@ class Trainer:
         elapsed = self._agreed_elapsed_ms()
         with self._deferred_ctrl_c():
             while self.step < t.iterations and (stop_after is None or self.step < stop_after):
+                # The switches and averaging key on the warm-down alone (see warmdown_scale).
                 decay = warmdown_scale(t, self.step, elapsed, cap_ms)
-                scale = decay * warmup_factor(self.step, t.lr_warmup_steps)
+                scale = scheduled_lr_scale(t, self.step, elapsed, cap_ms)
                 self._update_switches(decay, elapsed)
                 logging = self.world.is_main and self._is_log_step(self.step + 1)
                 loss, grad_norm = self._train_step(scale, measure=logging)

@@ -1,4 +1,4 @@
-"""Argparse wiring for `pgolf plot` and `pgolf ablate` (registered by pgolf.cli.build_parser)."""
+"""`pgolf plot` and `pgolf ablate`: runs drawn, and switches toggled over seeds."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ import json
 import sys
 from datetime import datetime
 from pathlib import Path
+
+from pgolf.cli.common import add_json
+from pgolf.cli.data import ensure_demo_data
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
@@ -26,10 +29,9 @@ def cmd_ablate(args: argparse.Namespace) -> None:
     if args.data:
         common.append(f"data.path={args.data}")
     elif args.preset == "demo":
-        from pgolf.cli import _ensure_demo_data
         from pgolf.dist import init_world
 
-        common.append(f"data.path={_ensure_demo_data(init_world())}")
+        common.append(f"data.path={ensure_demo_data(init_world())}")
     stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
     out = Path(args.out or Path("runs") / f"ablate_{args.preset}_{stamp}")
 
@@ -62,7 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN")
     p.add_argument("--out", required=True, metavar="FILE.png")
     p.add_argument("--title", help="figure title (default: the run names)")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    add_json(p)
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("ablate", help="toggle switches alone and together over seeds; t-tests")
@@ -78,5 +80,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="for every run")
     p.add_argument("--data", metavar="DIR", help="dataset directory (default for demo: built)")
     p.add_argument("--out", metavar="DIR", help="default runs/ablate_PRESET_TIME; reuse to resume")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    add_json(p)
     p.set_defaults(func=cmd_ablate)

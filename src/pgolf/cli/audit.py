@@ -1,5 +1,6 @@
-"""Command-line wiring of `pgolf audit`, `pgolf export` and `pgolf compare` (cli.py calls
-`register`). Bad input raises PgolfError (exit 2 in cli.main); a failed audit returns 1.
+"""`pgolf audit`, `pgolf export` and `pgolf compare`: finished runs judged, packaged, compared.
+
+Bad input raises PgolfError (exit 2 in `pgolf.cli.main`); a failed audit returns 1.
 """
 
 from __future__ import annotations
@@ -7,9 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
-
-def _add_json(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+from pgolf.cli.common import add_json
 
 
 def format_audit(result: dict) -> str:
@@ -72,7 +71,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("audit", help="one verdict per challenge rule for finished runs")
     p.add_argument("runs", nargs="+", metavar="RUN")
-    _add_json(p)
+    add_json(p)
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("export", help="write the records folder of a submission (SPEC §1.6)")
@@ -83,7 +82,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--github-id", help="your GitHub user name (default: none)")
     p.add_argument("--name", help="submission name (default: pgolf PRESET)")
     p.add_argument("--blurb", help="one-paragraph description")
-    _add_json(p)
+    add_json(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
@@ -96,5 +95,5 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="BPB_OR_RUN",
         help="comparison: BPB scores, or runs (e.g. the current record's seeds)",
     )
-    _add_json(p)
+    add_json(p)
     p.set_defaults(func=cmd_compare)
