@@ -11,7 +11,6 @@ import torch
 
 from pgolf import rules, rundir
 from pgolf.audit import checks, probes
-from pgolf.audit.records import byte_tables_sha256
 from pgolf.cli import main
 from pgolf.data.shards import read_shard, write_shard
 from pgolf.data.tokenizer import build_byte_tables, load_tokenizer
@@ -129,7 +128,7 @@ def test_audit_fails_a_run_with_illegal_prequant_ttt(small_data, tmp_path, capsy
 def test_audit_fails_a_changed_tokenizer_and_a_partial_score(legal_run):
     cfg, tokens, tables = _probe_inputs(legal_run)
     _, report = rundir.load_evaluated(legal_run)
-    rebuilt = byte_tables_sha256(tables)
+    rebuilt = tables.sha256()
     assert rules.tokenizer_tables(report["byte_tables_sha256"], rebuilt)["status"] == "pass"
     assert checks.check_coverage(cfg, report, tokens)["status"] == "pass"
     assert rules.tokenizer_tables("0" * 64, rebuilt)["status"] == "fail"

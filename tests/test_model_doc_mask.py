@@ -13,6 +13,7 @@ recurrence, parallel residuals; TOP's two lanes) and random weights:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pytest
 import torch
@@ -83,7 +84,7 @@ def _rows() -> torch.Tensor:
 def _spans(row: int) -> list[tuple[int, int]]:
     """[start, end) of each document of a row, the stretch before its first BOS included."""
     bounds = sorted({0, *BOS_AT[row], T})
-    return list(zip(bounds[:-1], bounds[1:]))
+    return list(itertools.pairwise(bounds))
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -20,11 +20,14 @@ from pgolf.quant.pipeline import export_mixed, hessian_names
 from pgolf.quant.policy import plan_tensors
 
 
-def small_model() -> GPT:
-    """2 layers × 64: every matrix is below 65,536 elements, so tests lower the fp16 limit."""
+def small_model(**changes) -> GPT:
+    """2 layers × 64 (the baseline's ModelConfig with `changes`), random 2-D weights: every
+    matrix is below 65,536 elements, so tests lower the fp16 limit."""
     cfg = load_preset("baseline").model
     cfg.num_layers, cfg.model_dim, cfg.num_heads, cfg.num_kv_heads = 2, 64, 4, 2
     cfg.vocab_size = 128
+    for name, value in changes.items():
+        setattr(cfg, name, value)
     torch.manual_seed(0)
     model = GPT(cfg)
     for p in model.parameters():

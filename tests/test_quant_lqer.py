@@ -8,14 +8,13 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from pgolf.artifact.config import ExportConfig
 from pgolf.artifact.container import pack_sections, read_artifact, unpack_artifact
 from pgolf.artifact.int8 import SCALE_SUFFIX
 from pgolf.artifact.load import dequantize_artifact
 from pgolf.artifact.mixed import FACTOR_A, FACTOR_B, dequantize_groups, dequantize_mixed
-from pgolf.config import load_preset, resolve_config
+from pgolf.config import resolve_config
 from pgolf.errors import PgolfError
 from pgolf.model.gpt import GPT
 from pgolf.quant.export import quantize_model, quantize_state
@@ -24,6 +23,7 @@ from pgolf.quant.hessian import collect_hessians
 from pgolf.quant.lqer import error_factors, factor_grids, quantize_groups
 from pgolf.quant.pipeline import export_mixed, hessian_names
 from pgolf.quant.policy import plan_tensors
+from tests.test_quant_export import small_model
 
 
 def lqer_cfg(**kw) -> ExportConfig:
@@ -33,15 +33,7 @@ def lqer_cfg(**kw) -> ExportConfig:
 
 def gated_model() -> GPT:
     """2 layers × 64 with TOP's sparse attention gate (4 heads × 12 inputs = 48 weights)."""
-    cfg = load_preset("baseline").model
-    cfg.num_layers, cfg.model_dim, cfg.num_heads, cfg.num_kv_heads = 2, 64, 4, 2
-    cfg.vocab_size, cfg.attn_out_gate = 128, True
-    torch.manual_seed(0)
-    model = GPT(cfg)
-    for p in model.parameters():
-        if p.ndim == 2:
-            nn.init.normal_(p, std=0.05)
-    return model
+    return small_model(attn_out_gate=True)
 
 
 def synthetic_state() -> tuple[dict, dict]:
