@@ -23,8 +23,9 @@ from tests.conftest import tiny_config
 
 # Parameter counts. Logged: BASE/train.log (SPEC §4.1), P1351's logs (SPEC §9.5, the same
 # architecture as S414, P610, P578), S1060's train_seed1337.log, S1019's `model_params:27067484`.
-# pgolf's own (no log in SPEC): pr549, pr1413, seed-p639, and seed-p1004 at the final code's
-# 6144 buckets (its logged runs, 8192 buckets: 33,580,124, checked below).
+# pgolf's own (no log in SPEC): pr549, pr1413, seed-p639, seed-p1004 at the final code's 6144
+# buckets (its logged runs, 8192 buckets: 33,580,124, checked below), and top (equal to the
+# record's own GPT built at its defaults, tests/parity/test_top_model.py at a shrunk shape).
 EXPECTED_PARAMS = {
     "baseline": 17_059_912,
     "pr414": 26_993_756,
@@ -37,6 +38,7 @@ EXPECTED_PARAMS = {
     "seed-p1004": 33_317_980,
     "seed-p578": 26_993_756,
     "seed-p1351": 26_993_756,
+    "top": 35_945_671,
 }
 RECORDS = sorted(set(EXPECTED_PARAMS) - {"baseline"})
 CPU_WORLD = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))

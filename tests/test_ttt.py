@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 
 import numpy as np
@@ -27,6 +29,8 @@ from pgolf.eval.ttt import (
     step_plan,
 )
 from pgolf.eval.windows import build_tiling, document_starts
+from pgolf.model.config import ModelConfig
+from pgolf.model.gpt import GPT
 from pgolf.model.roles import with_role
 from tests.test_eval_scorer import byte_tables, run_eval, stream_tokens, tiny_model
 
@@ -328,3 +332,23 @@ def test_prequant_ttt_on_validation_data_refuses_without_the_research_flag():
     assert record["score_first"] is False and "§5.30" in record["reason"]
     assert record["sequences"] == 8 and record["steps"] == 1
     assert not torch.equal(model.tok_emb.weight, before)
+
+
+# -- eval.compile ----------------------------------------------------------------------------
+def test_compiled_scoring_and_ttt_step_agree_with_eager(monkeypatch):
+    """eval.compile="on" (what auto means on CUDA) gives the eager s_0 within float tolerance.
+
+    Dynamo and AOTAutograd trace the scoring forward (both `logits_from` values), the TTT step's
+    forward and backward, and the eval/train flips exactly as with Inductor; Inductor's C++
+    codegen is left out because it made this test take 84 s on 2 CPU cores (it passes with it).
+    """
+    pytest.importorskip("torch._dynamo")
+    tokens = stream_tokens(2 * CHUNK + 1)
+    model = GPT(ModelConfig(num_layers=1, model_dim=32, num_heads=2, num_kv_heads=1))
+    eager = _ttt(copy.deepcopy(model), tokens, ttt_epochs=1)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    compiled = _ttt(copy.deepcopy(model), tokens, ttt_epochs=1, compile="on")
+    assert len(compiled.chunks) == 2 and compiled.chunks_trained == 1
+    for a, b in zip(eager.chunks, compiled.chunks, strict=True):
+        assert (a.tokens, a.bytes) == (b.tokens, b.bytes)
+        assert b.nats == pytest.approx(a.nats, rel=1e-5)

@@ -7,7 +7,10 @@ path (`use_fused=False`), the plain-PyTorch code the record keeps beside each ke
   and on, through the two-lane decoder, the sparse attention gate and the pre-norm BOS-masked
   SmearGate, and the head reading either lane alone;
 - the same weights and batch give the same training loss and the same gradient of every weight;
-- pgolf's fused soft-capped cross-entropy gives the plain loss and gradient.
+- pgolf's fused soft-capped cross-entropy gives the plain loss and gradient;
+- the `top` preset's model, at this shape, draws the record's initial weights from the same seed,
+  every tensor (`model.banked_init` with `banked_init_order = "qkv-first"`); S549's
+  layer-by-layer order does not.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pgolf.config import load_preset
 from pgolf.errors import PgolfError
 from pgolf.model.gpt import GPT
 from pgolf.model.layout import resolve_layout
@@ -83,6 +87,32 @@ def test_same_weights_give_the_records_logits(final_lane):
         with torch.no_grad():
             want = ref.forward_logits(x)
             assert_close(f"TOP logits, lane {final_lane}, looping {looping}", ours(x), want)
+
+
+def _preset_at_test_shape():
+    """The `top` preset's model at `top_config`'s shape and layer indices (3..5, lanes from 6)."""
+    shape = top_config()
+    fields = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads")
+    fields += ("loop_start", "loop_end", "parallel_residual_start")
+    return dataclasses.replace(load_preset("top").model, **{f: getattr(shape, f) for f in fields})
+
+
+@pytest.mark.parametrize("seed", [0, 1337])
+def test_same_seed_gives_the_records_initial_weights(seed):
+    mod = top_module()
+    torch.manual_seed(seed)
+    theirs = top_state_dict(mod, mod.GPT(mod.args))
+    cfg = _preset_at_test_shape()
+    assert (cfg.banked_init, cfg.banked_init_order) == (True, "qkv-first")
+    torch.manual_seed(seed)
+    ours = GPT(cfg).state_dict()
+    assert set(ours) == set(theirs), sorted(set(ours) ^ set(theirs))
+    for name, value in ours.items():
+        assert torch.equal(value, theirs[name].reshape(value.shape)), f"initial {name} differs"
+    # Not vacuous: S549's order (layer by layer) gives other MLP-ups and later Q/K/V.
+    torch.manual_seed(seed)
+    layerwise = GPT(dataclasses.replace(cfg, banked_init_order="layer")).state_dict()
+    assert not torch.equal(layerwise["blocks.1.attn.c_q.weight"], ours["blocks.1.attn.c_q.weight"])
 
 
 def test_same_weights_give_the_records_training_loss_and_gradients():

@@ -15,6 +15,8 @@ from pgolf.errors import PgolfError
 EVAL_MODES = ("nonoverlapping", "sliding")
 TTT_OPTIMIZERS = ("sgd", "adamw")
 TTT_SCHEDULES = ("cosine", "double_cosine", "constant")
+TTT_MODES = ("chunk", "lora")
+TTT_DOC_ORDERS = ("stream", "length")
 COMPILE_MODES = ("auto", "on", "off")
 
 
@@ -63,6 +65,25 @@ class EvalConfig:
     ttt_snr_born: bool = env_field("EB_TTT_BORN", False)  # square the SNR ("Born rule")
     ttt_snr_clamp_min: float = 0.3
     ttt_snr_clamp_max: float = 3.0
+    # -- per-document LoRA TTT and phased global SGD (SPEC §5.29 "Later refinements", §5.31) -----
+    # "lora": each document scored chunk by chunk with its own adapters (`eval.lora_ttt`); the
+    # global phases then train the model with the §5.29 fields above (ttt_lr, ttt_momentum,
+    # ttt_chunk_tokens, ttt_batch_seqs, ttt_grad_clip, ttt_epochs, the freezes, ttt_seq_len).
+    ttt_mode: str = "chunk"
+    ttt_lora_rank: int = env_field("TTT_LORA_RANK", 96)
+    ttt_lora_alpha: float = env_field("TTT_LORA_ALPHA", 144.0)  # output × alpha / rank
+    ttt_lora_lr: float = env_field("TTT_LORA_LR", 1e-4)
+    ttt_lora_targets: str = "q,k,v,o,mlp,head"  # TTT_K_LORA / TTT_O_LORA / TTT_MLP_LORA
+    ttt_lora_chunk: int = env_field("TTT_CHUNK_SIZE", 48)  # targets per score-then-train step
+    ttt_lora_context: int = 0  # window per chunk, inside its document; 0 = the eval window
+    ttt_lora_batch_docs: int = env_field("TTT_BATCH_SIZE", 64)  # documents in lockstep
+    ttt_lora_beta1: float = env_field("TTT_BETA1", 0.0)
+    ttt_lora_beta2: float = env_field("TTT_BETA2", 0.999)
+    ttt_lora_weight_decay: float = env_field("TTT_WEIGHT_DECAY", 1.0)
+    ttt_lora_warm_start_a: bool = False  # TOP: A carries over between documents (only B resets)
+    ttt_doc_order: str = "stream"  # or "length": TOP's longest batches first (see lora_ttt)
+    ttt_phases: int = 0  # global SGD phases over the first ttt_prefix_docs documents; 0 = none
+    ttt_prefix_docs: int = env_field("PHASED_TTT_PREFIX_DOCS", 2000)
     # -- pre-quant TTT on validation data (SPEC §5.30): ILLEGAL, research only ----------------
     prequant_ttt_enabled: bool = False  # refused unless the run allows illegal settings
     prequant_ttt_epochs: int = 10
@@ -100,6 +121,17 @@ def validate_eval_config(cfg: EvalConfig) -> None:
         (cfg.ttt_max_chunks >= 0, "eval.ttt_max_chunks must be ≥ 0"),
         (cfg.ttt_train_chunks >= 0, "eval.ttt_train_chunks must be ≥ 0"),
         (cfg.ttt_snr_clamp_min <= cfg.ttt_snr_clamp_max, "eval.ttt_snr_clamp_min > clamp_max"),
+        (cfg.ttt_mode in TTT_MODES, f"eval.ttt_mode must be one of {TTT_MODES}"),
+        (cfg.ttt_doc_order in TTT_DOC_ORDERS, f"eval.ttt_doc_order: one of {TTT_DOC_ORDERS}"),
+        (cfg.ttt_lora_rank >= 1, "eval.ttt_lora_rank must be ≥ 1"),
+        (cfg.ttt_lora_chunk >= 1, "eval.ttt_lora_chunk must be ≥ 1"),
+        (cfg.ttt_lora_context >= 0, "eval.ttt_lora_context must be ≥ 0 (0 = eval window)"),
+        (cfg.ttt_lora_batch_docs >= 1, "eval.ttt_lora_batch_docs must be ≥ 1"),
+        (cfg.ttt_phases >= 0 and cfg.ttt_prefix_docs >= 0, "eval.ttt_phases/prefix_docs ≥ 0"),
+        (
+            cfg.ttt_mode != "lora" or cfg.ttt_max_chunks == cfg.ttt_train_chunks == 0,
+            "eval.ttt_max_chunks / ttt_train_chunks apply to ttt_mode='chunk' only",
+        ),
         (cfg.prequant_ttt_epochs >= 0, "eval.prequant_ttt_epochs must be ≥ 0"),
         (cfg.prequant_ttt_batch_seqs >= 1, "eval.prequant_ttt_batch_seqs must be ≥ 1"),
     ]

@@ -19,6 +19,7 @@ from pgolf.eval.bpb import BpbSums, TorchByteTables
 from pgolf.eval.budget import EvalClock
 from pgolf.eval.config import EvalConfig, validate_eval_config
 from pgolf.eval.ledger import ScoredLedger
+from pgolf.eval.lora_ttt import LoraTTTResult, phased_lora_ttt
 from pgolf.eval.score import rank_window_range
 from pgolf.eval.scorer import (
     DocumentSums,
@@ -129,26 +130,40 @@ def evaluate(
         )
 
     before: BpbSums | None = None
-    ttt: TTTResult | None = None
+    ttt: TTTResult | LoraTTTResult | None = None
     partial = None
     if cfg.ttt_enabled:
         if cfg.ttt_score_baseline:
             with clock.lap("baseline"):
                 before, _, _ = score_plain(scorer(None), world, None, progress, "eval (no TTT)")
-        ttt = score_first_ttt(
-            model,
-            tokens,
-            tiling,
-            byte_tables,
-            cfg,
-            world,
-            batch_windows=per_batch,
-            clock=clock,
-            documents=documents,
-            progress=progress,
-        )
+        if cfg.ttt_mode == "lora":
+            ttt = phased_lora_ttt(
+                model,
+                tokens,
+                byte_tables,
+                cfg,
+                world,
+                context=seq_len,
+                clock=clock,
+                documents=documents,
+                progress=progress,
+            )
+        else:
+            ttt = score_first_ttt(
+                model,
+                tokens,
+                tiling,
+                byte_tables,
+                cfg,
+                world,
+                batch_windows=per_batch,
+                clock=clock,
+                documents=documents,
+                progress=progress,
+            )
         sums, ledger, stopped = ttt.sums, ttt.ledger, ttt.stopped_by_cap
-        if len(ttt.chunks) and cfg.ttt_max_chunks and cfg.ttt_max_chunks < ttt.num_chunks:
+        # (ttt_max_chunks is refused with ttt_mode = "lora", whose result has no chunk list)
+        if cfg.ttt_max_chunks and len(ttt.chunks) and cfg.ttt_max_chunks < ttt.num_chunks:
             partial = (
                 f"ttt_max_chunks={cfg.ttt_max_chunks} of {ttt.num_chunks} chunks (PR #610 "
                 "reproduction, not a full-validation score)"

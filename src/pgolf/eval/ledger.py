@@ -5,6 +5,11 @@ each token must be scored exactly once. Rather than trusting loop order, the led
 scored target index and is the only way training code obtains tokens: `release(lo, hi)` returns
 the tokens needed to train on targets [lo, hi) and raises `LedgerViolation` if any of them (or the
 input token before them) has not been scored yet. `record` raises if a target is scored twice.
+
+Document-level evaluation (per-document windows, per-document LoRA TTT) is given the document
+partition up front, as `windows.document_starts` computes it from the BOS positions: the BOS that
+opens a document is then known input, not a prediction, so training on a document may start at
+its BOS before the previous document's last target (that same BOS) has been scored.
 """
 
 from __future__ import annotations
@@ -22,10 +27,12 @@ class LedgerViolation(RuntimeError):
 class ScoredLedger:
     """One flag per target of the stream: scored or not (a bitmap: 62 MB for the full val set)."""
 
-    def __init__(self, tokens: np.ndarray):
+    def __init__(self, tokens: np.ndarray, document_starts: np.ndarray | None = None):
         self._tokens = tokens
         self.num_targets = max(len(tokens) - 1, 0)
         self._scored = np.zeros(self.num_targets, dtype=bool)
+        starts = () if document_starts is None else np.asarray(document_starts).tolist()
+        self._document_starts = frozenset(starts)
 
     def _check_range(self, lo: int, hi: int) -> None:
         if not 0 <= lo <= hi <= self.num_targets:
@@ -69,10 +76,11 @@ class ScoredLedger:
     def release(self, lo: int, hi: int) -> np.ndarray:
         """Tokens lo … hi (hi − lo + 1 of them) for training on targets [lo, hi), if all scored.
 
-        Input token lo is itself target lo − 1 (unless lo = 0), so it must have been scored too.
+        Input token lo is itself target lo − 1 (unless lo = 0), so it must have been scored too,
+        unless lo opens a document of the partition given at construction.
         """
         self._check_range(lo, hi)
-        first_needed = max(lo - 1, 0)
+        first_needed = lo if lo in self._document_starts else max(lo - 1, 0)
         needed = self._scored[first_needed:hi]
         if not needed.all():
             first = first_needed + int(np.argmin(needed))

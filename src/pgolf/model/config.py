@@ -103,6 +103,10 @@ class ModelConfig:
     # draw) and orthogonalise them before the bigram/VE projections; on, the same seed gives
     # their initial weights (off: the non-banked order of S414 and the baseline).
     banked_init: bool = False
+    # The order in which banked_init orthogonalises the banks: "layer" = Q, K, V, MLP-up of layer 0,
+    # then of layer 1, ... (S549, S1019, S1060, P1351); "qkv-first" = Q, K, V of every layer, then
+    # every MLP-up (TOP's `_init_weights`, two loops).
+    banked_init_order: str = "layer"
 
     # -- precision upstream had on CUDA (SPEC §4.3): "off" | "on" | "cuda" (on when pgolf.dist
     # runs on CUDA; the default, so the default model is the baseline's on a GPU as well) --

@@ -4,9 +4,10 @@ With ModelConfig's defaults this is the baseline parameter for parameter and bit
 parameter names match the official `train_gpt.py` (`tok_emb.weight`, `blocks.3.attn.c_q.weight`,
 `skip_weights`, ...), so state dicts move between the two unchanged, and the construction order
 matches, so the same seed gives the same initial weights (for the banked scripts, S549 onward,
-with `banked_init`). Technique parameters take the names the
-record scripts use (`bigram.embed.weight`, `smear.gate`, `ve_shared.proj.weight`, ...). Every
-parameter carries a role (`pgolf.model.roles`) that optimizers and quantizers dispatch on.
+with `banked_init`; for TOP's, with `banked_init_order = "qkv-first"` too). Technique parameters
+take the names the record scripts use (`bigram.embed.weight`, `smear.gate`,
+`ve_shared.proj.weight`, ...). Every parameter carries a role (`pgolf.model.roles`) that
+optimizers and quantizers dispatch on.
 
 Forward: embedding (+ BigramHash) → RMSNorm (→ SmearGate; the BOS-masked one before the norm)
 = x0 → encoder blocks, each output pushed on a stack → decoder blocks, each first merging a popped
@@ -15,6 +16,8 @@ skip (into the attention lane once TOP's two lanes have split the stream) → fi
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +34,7 @@ from pgolf.model.embeddings import (
     ValueEmbedding,
     build_smear_gate,
 )
-from pgolf.model.init import orthogonal_init
+from pgolf.model.init import banked_order, orthogonal_init
 from pgolf.model.layers import CastedLinear, rms_norm
 from pgolf.model.layout import resolve_layout
 from pgolf.model.loss import softcapped_cross_entropy
@@ -70,6 +73,11 @@ class GPT(nn.Module):
         with_role(self.tok_emb.weight, "embedding")
         self.bigram = BigramHashEmbedding(cfg) if cfg.bigram_vocab_size > 0 else None
         self.smear = build_smear_gate(cfg)
+        if cfg.banked_init and isinstance(self.smear, BosSmearGate):
+            # TOP's v2 gate is a zero-init nn.Linear(window → 1), whose construction still draws
+            # the default init once; pgolf's gate is built zero, so it draws (and drops) the same
+            # numbers here to keep every later draw in step with TOP's.
+            nn.init.kaiming_uniform_(torch.empty(1, cfg.smear_window), a=math.sqrt(5))
         self.skip_weights = _scalar(torch.ones(self.num_skip_weights, cfg.model_dim))
         # Gates start at 0: σ(0) = ½, an even average of the stream and the scaled skip.
         self.skip_gates = None
@@ -111,9 +119,10 @@ class GPT(nn.Module):
             aux = [m.proj for m in tables if m.proj is not None]
             order = list(self.modules())
             if cfg.banked_init:
-                # The banks (Q, K, V, MLP-up of layer 0, then 1, ...) first, then the rest.
+                # The banks first, in the script's order (`banked_order`), then the rest.
                 in_blocks = {id(m) for m in self.blocks.modules()}
-                order = list(self.blocks.modules()) + [m for m in order if id(m) not in in_blocks]
+                banks = banked_order(self.blocks, cfg.banked_init_order)
+                order = banks + [m for m in order if id(m) not in in_blocks]
             orthogonal_init(order, cfg.num_layers, aux, scale_aux=cfg.aux_proj_scaled_init)
         if precision_on(cfg.bf16_tables, "model.bf16_tables"):
             # Rounded after the fp32 init, as the scripts' `.bfloat16()` cast rounds theirs.
