@@ -126,7 +126,7 @@ def test_the_trainers_qat_rounds_with_the_exporters_scale_floor(tiny_dataset, tm
     cfg.export.scale_floor = floor
     trainer = Trainer(cfg, resolve_dataset(cfg.data), CPU_WORLD, tmp_path, RunLog(tmp_path, False))
     assert trainer.qat.scale_floor is floor
-    # A row of tiny weights: floored, the 1/31 grid rounds it to zero; unfloored, it keeps its shape.
+    # A row of tiny weights: floored, the 1/31 grid rounds it to zero; unfloored, it keeps a shape.
     w = torch.full((1, 64), 0.004)
     q = fake_quantize_rows(w, trainer.qat.bits, trainer.qat.clip_percentile, floor)
     assert bool((q == 0).all()) is floor
