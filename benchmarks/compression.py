@@ -24,15 +24,15 @@ import torch
 from torch import nn
 
 from pgolf import rundir
-from pgolf.artifact.config import ExportConfig
 from pgolf.artifact.container import unpack_artifact
 from pgolf.artifact.load import dequantize_artifact
 from pgolf.config import load_preset
 from pgolf.model.gpt import GPT, count_parameters
-from pgolf.quant.export import quantize_model
+from pgolf.quant.config import QuantConfig
 from pgolf.quant.fit import artifact_report, fit_to_budget
 from pgolf.quant.hessian import collect_hessians
 from pgolf.quant.pipeline import hessian_names
+from pgolf.quant.quantize import quantize_model
 from pgolf.rules import BYTES_CAP
 
 
@@ -61,7 +61,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    ex = ExportConfig(codec="mixed")  # int6 GPTQ + SDClip 12.85, int8 embedding, auto codecs
+    ex = QuantConfig(codec="mixed")  # int6 GPTQ + SDClip 12.85, int8 embedding, auto codecs
     if args.run:
         from safetensors.torch import load_file
 

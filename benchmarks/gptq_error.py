@@ -10,7 +10,7 @@ Prints JSON lines. Per bit width and method, averaged over every 2-D block matri
 - `entropy_bits_per_param`: order-0 entropy of the integers, i.e. what they cost packed; compare
   errors at equal cost (SDClip's wide clip buys fewer bits with more error, by design);
 - `s_per_matrix`: wall seconds per matrix (CPU).
-Then the quant gap (BPB after − before) of whole-model exports. Without --run the model is
+Then the quant gap (BPB after − before) of whole-model quantization. Without --run the model is
 trained here on the shared dev shard (training tokens); calibration uses its first tokens and the
 gap is measured on its last 60k tokens, which training never saw.
 """
@@ -24,12 +24,12 @@ import numpy as np
 from tiny_model import add_model_arguments, emit, model_under_test
 
 from pgolf.artifact import rans
-from pgolf.artifact.config import ExportConfig
 from pgolf.artifact.container import pack_artifact, pack_sections
 from pgolf.artifact.int8 import quantize_state_dict_int8
-from pgolf.quant.export import quantize_model
+from pgolf.quant.config import QuantConfig
 from pgolf.quant.gptq import ClipRule, GPTQOptions, hessian_error, quantize_matrix
 from pgolf.quant.grid import dequantize
+from pgolf.quant.quantize import quantize_model
 
 METHODS = {  # name -> (clip rule, GPTQ options or None)
     "rtn_rowmax": (ClipRule("rowmax"), None),
@@ -97,10 +97,10 @@ def main() -> None:
                 s_per_matrix=round(float(np.mean(secs)), 4),
             )
 
-    # Quant gap: whole-model exports. The demo's matrices are ≤ 65,536 elements, which the record
+    # Quant gap: whole models quantized. The demo's matrices are ≤ 65,536 elements, which the record
     # rule would keep fp16, so every matrix is quantised here (keep_float_max_numel=0).
     before = tiny.bpb()
-    emit(bench="quant_gap", export="float", bpb=round(before, 5))
+    emit(bench="quant_gap", quant="float", bpb=round(before, 5))
     arrays, meta = quantize_state_dict_int8(model.state_dict())
     data = pack_artifact(arrays, meta, codec="zlib")
     gaps = [("rtn_int8_official", data, None)]
@@ -109,7 +109,7 @@ def main() -> None:
         ("gptq_int6", 6, "gptq"),
         ("gptq_int5", 5, "gptq"),
     ]:
-        ex = ExportConfig(
+        ex = QuantConfig(
             codec="mixed", quant_method=method, matrix_bits=bits, keep_float_max_numel=0
         )
         qm = quantize_model(model, ex, calib)
@@ -118,7 +118,7 @@ def main() -> None:
         after = tiny.round_trip_bpb(data)
         emit(
             bench="quant_gap",
-            export=label,
+            quant=label,
             bytes=len(data),
             bpb=round(after, 5),
             gap=round(after - before, 5),

@@ -1,9 +1,9 @@
-"""What LQER (export.lqer, SPEC §5.19, §5.31) buys: quant gap and bytes with and without it.
+"""What LQER (quant.lqer, SPEC §5.19, §5.31) buys: quant gap and bytes with and without it.
 
     python benchmarks/lqer_gap.py --threads 1            # trains a demo-sized model (~120 s)
     python benchmarks/lqer_gap.py --run RUN              # weights of `pgolf run` (demo preset)
 
-Exports one trained model under TOP's export settings (int6 GPTQ matrices with per-role SDClip
+Quantizes one trained model under TOP's quant settings (int6 GPTQ matrices with per-role SDClip
 11.5 / 13 / 12.85, the int7 embedding at 14σ) without LQER, with TOP's LQER (rank 4 on the three
 matrices with the largest ‖W − deq(Q)‖_F, factors int2/int4 asymmetric), with symmetric int4
 factors, with the correction on every matrix, and the same at int5. Per variant one JSON line:
@@ -21,12 +21,12 @@ import dataclasses
 
 from tiny_model import add_model_arguments, emit, model_under_test
 
-from pgolf.artifact.config import ExportConfig
 from pgolf.artifact.container import pack_sections
-from pgolf.quant.export import quantize_model
+from pgolf.quant.config import QuantConfig
 from pgolf.quant.fit import artifact_report
+from pgolf.quant.quantize import quantize_model
 
-TOP = ExportConfig(
+TOP = QuantConfig(
     codec="mixed",
     matrix_bits=6,
     embed_bits=7,
@@ -57,13 +57,13 @@ def main() -> None:
     before = tiny.bpb()
     emit(
         bench="lqer_gap",
-        export="float",
+        quant="float",
         bpb=round(before, 5),
         eval_tokens=len(tiny.eval_tokens) - 1,
     )
 
-    for label, export in variants.items():
-        qm = quantize_model(tiny.model, export, calib)
+    for label, quant in variants.items():
+        qm = quantize_model(tiny.model, quant, calib)
         packed = pack_sections(qm.arrays, qm.meta)
         after = tiny.round_trip_bpb(packed.data)
         fixes = [st["lqer"] for st in qm.stats.values() if "lqer" in st]
@@ -76,7 +76,7 @@ def main() -> None:
                 )
         emit(
             bench="lqer_gap",
-            export=label,
+            quant=label,
             bytes=len(packed.data),
             lqer_bytes=artifact_report(qm, packed, {})["bytes_per_class"].get("lqer", 0),
             corrected=len(fixes),

@@ -1,7 +1,7 @@
 """Every seed preset (and the baseline) at one fixed CPU shape, end to end: train, quantize, score.
 
 The presets keep everything that makes them what they are (techniques, optimizer settings,
-export codec, eval/TTT settings) and are shrunk only in size and time: 4 layers × 128, 4 heads,
+quant codec, eval/TTT settings) and are shrunk only in size and time: 4 layers × 128, 4 heads,
 seq 256 (train and eval), 8,192 tokens/step, STEPS steps with the last quarter as warm-down, no
 wall-clock cap. Data: the FineWeb sample tokenized with the official sp1024 tokenizer, validation
 = the 200 official verification documents (built once under WORK/data).
@@ -63,7 +63,7 @@ def shrink(preset: str, steps: int, seed: int) -> list[str]:
         # The records keep tensors of ≤ 65,536 elements in fp16 at width 512; at width 128 every
         # matrix is that small, so the threshold shrinks with the width² (÷ 16) to keep its
         # meaning: vectors and gates stay fp16, matrices go through the preset's quantizer.
-        "export.keep_float_max_numel": 4096,
+        "quant.keep_float_max_numel": 4096,
         # With TTT on, also score the artifact without it: the post-quant column (eval time
         # then includes that extra pass).
         "eval.ttt_score_baseline": "true",

@@ -1,4 +1,4 @@
-"""What the records' 1/qmax row-scale floor (export.scale_floor) does to bytes and BPB.
+"""What the records' 1/qmax row-scale floor (quant.scale_floor) does to bytes and BPB.
 
     python benchmarks/scale_floor.py                     # trains a demo-sized model (~90 s)
     python benchmarks/scale_floor.py --run RUN           # weights of `pgolf run` (demo preset)
@@ -6,8 +6,8 @@
 Every record up to S1060 and every seed floors a row's scale at 1/qmax (int6 1/31, int8 1/127).
 On trained weights, whose rows rarely reach |w| = 1, the floor binds on nearly every row: the
 row then uses the grid {k/qmax} instead of its own range, most weights round to 0 or ±1, the
-integers compress far better and the model loses precision. This exports the same trained model
-under several presets' export settings with the floor on and off and prints, per variant, one
+integers compress far better and the model loses precision. This quantizes the same trained model
+under several presets' quant settings with the floor on and off and prints, per variant, one
 JSON line: artifact bytes (pgolf's container, best codec per section), BPB after the round trip,
 the gap to the float model, the share of rows whose scale is ≤ 1/qmax (where the floor binds)
 and the mean |q| of the quantised matrices. The demo's
@@ -25,8 +25,8 @@ from tiny_model import add_model_arguments, emit, model_under_test
 
 from pgolf.artifact.container import pack_sections
 from pgolf.config import load_preset
-from pgolf.quant.export import quantize_model
 from pgolf.quant.grid import qmax_for
+from pgolf.quant.quantize import quantize_model
 
 PRESETS = ("pr414", "pr1019", "seed-p578", "seed-p1004")  # GPTQ-lite, S1019 GPTQ, #578 GPTQ, int5
 
@@ -53,7 +53,7 @@ def main() -> None:
     add_model_arguments(ap, train_seconds=90.0, threads=1)
     ap.add_argument("--presets", default=",".join(PRESETS))
     args = ap.parse_args()
-    exports = {p: load_preset(p).export for p in args.presets.split(",")}  # fail before training
+    quants = {p: load_preset(p).quant for p in args.presets.split(",")}  # fail before training
 
     tiny = model_under_test(args)
     calib = tiny.hessians(args.calib_seqs)
@@ -61,19 +61,19 @@ def main() -> None:
         float(p.detach().abs().amax(1).median()) for p in tiny.model.parameters() if p.ndim == 2
     ]
     before = tiny.bpb()
-    emit(bench="scale_floor", export="float", bpb=round(before, 5),
+    emit(bench="scale_floor", quant="float", bpb=round(before, 5),
          median_row_max=round(float(np.median(rowmax)), 4))  # fmt: skip
 
-    for preset, export in exports.items():
+    for preset, quant in quants.items():
         for floor in (False, True):
-            ex = dataclasses.replace(export, scale_floor=floor, keep_float_max_numel=0)
+            ex = dataclasses.replace(quant, scale_floor=floor, keep_float_max_numel=0)
             qm = quantize_model(tiny.model, ex, calib)
             data = pack_sections(qm.arrays, qm.meta).data
             after = tiny.round_trip_bpb(data)
             share, mean_q = floored_rows(qm)
             emit(
                 bench="scale_floor",
-                export=preset,
+                quant=preset,
                 scale_floor=floor,
                 bytes=len(data),
                 bpb=round(after, 5),

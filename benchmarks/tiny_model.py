@@ -1,4 +1,4 @@
-"""The trained model the export benchmarks (gptq_error, scale_floor, lqer_gap) measure.
+"""The trained model the quant benchmarks (gptq_error, scale_floor, lqer_gap) measure.
 
 Without --run, a demo-sized model (4×128) is trained here for --train-seconds with AdamW on the
 shared dev shard; its last HELD_OUT tokens, which training never sees, are the evaluation tokens.
@@ -70,7 +70,7 @@ def batches(tokens: np.ndarray, n: int, seq: int, start: int = 0) -> list[torch.
 
 
 def add_model_arguments(ap: argparse.ArgumentParser, train_seconds: float, threads: int) -> None:
-    """The options every export benchmark takes: where the model comes from, threads, eval size."""
+    """The options every quant benchmark takes: where the model comes from, threads, eval size."""
     ap.add_argument("--run", type=Path, help="run directory with config.json + model.safetensors")
     ap.add_argument("--train-seconds", type=float, default=train_seconds)
     ap.add_argument("--calib-seqs", type=int, default=64)

@@ -333,7 +333,7 @@ def bench_gptq(ctx: Context) -> Bench:
     h = x.T @ x / x.shape[0]
     # S1019 adds 1 % at collection and 1 % more in its solver; pgolf's preset damping is the sum.
     h_collected = h + 0.01 * torch.diag(h).mean() * torch.eye(cols)
-    ex = load_preset("pr1019").export
+    ex = load_preset("pr1019").quant
     bits, rule, opts = class_bits(ex, "mlp"), clip_rule(ex, "mlp"), gptq_options(ex)
 
     def ours():

@@ -232,12 +232,12 @@ def test_run_end_to_end_writes_the_run_directory_and_an_honest_report(
     assert code == 0 and json.loads(out)["val_bpb"] == report["val_bpb"]
 
 
-def test_mixed_gptq_export_end_to_end(tiny_dataset, tmp_path, capsys):
+def test_mixed_gptq_quantize_end_to_end(tiny_dataset, tmp_path, capsys):
     run = tmp_path / "mixed"
     code, out, err = _run_cli(
         ["run", "--preset", "baseline", "--data", str(tiny_dataset), "--out", str(run), "--json",
-         *TINY, "--set", "export.codec=mixed", "--set", "export.calib_batches=2",
-         "--set", "export.keep_float_max_numel=1024", "--set", "export.compressor=rans"],
+         *TINY, "--set", "quant.codec=mixed", "--set", "quant.calib_batches=2",
+         "--set", "quant.keep_float_max_numel=1024", "--set", "quant.compressor=rans"],
         capsys,
     )  # fmt: skip
     assert code == 0, err

@@ -3,6 +3,7 @@ import json
 import pytest
 
 from pgolf.config import (
+    SECTIONS,
     RunConfig,
     apply_overrides,
     config_from_dict,
@@ -71,3 +72,22 @@ def test_config_round_trips_through_json_and_hash_is_stable():
     again = config_from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg and again.sha256() == cfg.sha256()
     assert resolve_config("demo", ["train.seed=4"], environ={}).sha256() != cfg.sha256()
+
+
+def test_the_former_export_section_still_loads_as_quant(capsys):
+    # Runs made before the quantizer's section was renamed: config.json loads silently.
+    old = load_preset("pr1019").to_dict()
+    old["export"] = old.pop("quant")
+    old["export"]["code_measure"] = "imported"  # and a key retired before the rename
+    assert config_from_dict(old).to_dict() == load_preset("pr1019").to_dict()
+    assert capsys.readouterr().err == ""
+    both = {**old, "quant": {}}
+    with pytest.raises(PgolfError, match="both 'export' and 'quant'"):
+        config_from_dict(both)
+    # --set export.x=v is read as quant.x, with one line on stderr saying so.
+    cfg = resolve_config("baseline", ["export.codec=mixed"], environ={})
+    assert cfg.quant.codec == "mixed" and "export" not in cfg.to_dict()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "read as quant.codec" in err
+    # Only here: the tree, and so every preset, names the section `quant` alone.
+    assert "quant" in SECTIONS and "export" not in SECTIONS

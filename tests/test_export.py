@@ -58,9 +58,9 @@ NEVER_BUNDLED = (
 )  # fmt: skip
 # pr1019's stack, small enough to train in seconds (tests/test_golden.py)
 STACK = [
-    "--set", "export.codec=mixed", "--set", "model.bigram_vocab_size=64",
+    "--set", "quant.codec=mixed", "--set", "model.bigram_vocab_size=64",
     "--set", "model.bigram_dim=32", "--set", "model.ve_dim=32", "--set", "model.ve_layers=-1",
-    "--set", "export.selfgen_seqs=2", "--set", "export.keep_float_max_numel=1024",
+    "--set", "quant.selfgen_seqs=2", "--set", "quant.keep_float_max_numel=1024",
     "--set", "eval.eval_stride=32", "--set", "eval.eval_seq_len=64",
 ]  # fmt: skip
 

@@ -30,7 +30,7 @@ TINY = {
 }  # fmt: skip
 STACK = {
     "model.bigram_vocab_size": 64, "model.bigram_dim": 32, "model.ve_dim": 32,
-    "model.ve_layers": "-1", "export.selfgen_seqs": 2, "export.keep_float_max_numel": 1024,
+    "model.ve_layers": "-1", "quant.selfgen_seqs": 2, "quant.keep_float_max_numel": 1024,
     "eval.eval_stride": 32,
 }  # fmt: skip
 RUNS = {"demo": TINY, "pr1019": {**TINY, **STACK}}

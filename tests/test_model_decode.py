@@ -146,7 +146,7 @@ def test_selfgen_length_follows_the_training_length_unless_set(selfgen_len, expe
     cfg = load_preset("pr1019")
     cfg.model = CONFIGS["pr1019"]
     cfg.train.train_seq_len = 12
-    ex = cfg.export
+    ex = cfg.quant
     ex.selfgen_len, ex.selfgen_seqs, ex.selfgen_batch = selfgen_len, 2, 2
     ex.keep_float_max_numel = 0  # the shrunk matrices would otherwise stay float, unquantised
     model = _random_gpt(cfg.model)

@@ -70,7 +70,7 @@ def test_a_run_without_metrics_is_a_one_line_error_with_exit_code_2(tmp_path, ca
     assert not (tmp_path / "x.png").exists()
 
 
-def test_mixed_exports_use_the_quantizer_s_own_bytes_per_class(two_tiny_runs, tmp_path):
+def test_mixed_artifacts_use_the_quantizer_s_own_bytes_per_class(two_tiny_runs, tmp_path):
     run = tmp_path / "mixed"
     run.mkdir()
     (run / "metrics.jsonl").write_text((two_tiny_runs[0] / "metrics.jsonl").read_text())

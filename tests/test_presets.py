@@ -121,10 +121,10 @@ def test_every_preset_value_cites_its_source_and_none_is_left_pending(name):
 
 
 @pytest.mark.parametrize("name", RECORDS)
-def test_every_record_preset_validates_with_its_training_export_and_eval_fields(name):
+def test_every_record_preset_validates_with_its_training_quant_and_eval_fields(name):
     cfg = load_preset(name)
     validate_config(cfg)
-    assert cfg.export.codec == "mixed"  # GPTQ / GPTQ-lite + per-section compression (SPEC §5.19)
+    assert cfg.quant.codec == "mixed"  # GPTQ / GPTQ-lite + per-section compression (SPEC §5.19)
     assert cfg.eval.eval_mode == "sliding" and cfg.eval.eval_stride == 64  # SPEC §3.6
     assert cfg.train.ema_enabled and cfg.train.ema_decay == 0  # the run-relative horizon
     assert cfg.train.muon_wd > 0  # every record after S414 decays Muon weights (SPEC §5.17)

@@ -7,11 +7,11 @@ import pytest
 from pgolf.config import load_preset
 from pgolf.errors import PgolfError
 from pgolf.export.bundle import shipped_script
-from pgolf.quant.export import quantize_model
 from pgolf.quant.fit import BYTES_CAP, fit_to_budget
-from pgolf.quant.pipeline import code_budget, export_mixed, fit_log_lines
+from pgolf.quant.pipeline import code_budget, fit_log_lines, quantize_and_pack
+from pgolf.quant.quantize import quantize_model
 from pgolf.settings import shared_dir
-from tests.test_quant_export import export_cfg, small_model
+from tests.test_quant_mixed import quant_cfg, small_model
 
 # The scripts each record preset's submission ships, as in $PGOLF_SHARED/reference (SPEC §9).
 RECORD_SCRIPTS = {
@@ -26,7 +26,7 @@ RECORD_SCRIPTS = {
     "seed-p578": ["p578_train_gpt.py"],
     "seed-p1351": ["p1351_train_gpt.py"],
 }
-DECLARED = "export.code_bytes (declared size of the record's script)"
+DECLARED = "quant.code_bytes (declared size of the record's script)"
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def model():
 
 
 def unpruned_size(model, **kw) -> int:
-    packed, _ = fit_to_budget(quantize_model(model, export_cfg(**kw), {}), 10**9, **kw)
+    packed, _ = fit_to_budget(quantize_model(model, quant_cfg(**kw), {}), 10**9, **kw)
     return len(packed.data)
 
 
@@ -49,10 +49,10 @@ def test_record_presets_declare_the_bytes_of_the_scripts_they_ship(preset):
 
 
 def test_fit_target_is_the_cap_minus_the_declared_code_bytes_to_the_byte(model):
-    cfg = export_cfg(code_bytes=83_260, compressor="zstd", fit_prune="none")
+    cfg = quant_cfg(code_bytes=83_260, compressor="zstd", fit_prune="none")
     run = load_preset("seed-p578")
-    run.export = cfg
-    report = export_mixed(model, cfg, {}, code_budget(run))
+    run.quant = cfg
+    report = quantize_and_pack(model, cfg, {}, code_budget(run))
     assert report["target_bytes"] == BYTES_CAP - 83_260 == 15_916_740
     assert report["code_bytes"] == 83_260 and report["code_bytes_source"] == DECLARED
     assert report["target_bytes_source"] == "16,000,000 − code_bytes"
@@ -63,25 +63,25 @@ def test_fit_target_is_the_cap_minus_the_declared_code_bytes_to_the_byte(model):
 
 
 def test_fit_prune_none_fits_when_the_declared_script_leaves_room(model):
-    # A P578-like export scaled down: the declared script leaves 100 bytes to spare; a code
+    # A P578-like artifact scaled down: the declared script leaves 100 bytes to spare; a code
     # figure that leaves less than even `auto` needs (before: pgolf's ~340 KB of files) raises.
     size = unpruned_size(model, compressor="zstd")
     auto = unpruned_size(model, compressor="auto")
     declared = BYTES_CAP - size - 100
-    cfg = export_cfg(compressor="zstd", fit_prune="none")
-    report = export_mixed(model, cfg, {}, (declared, DECLARED))
+    cfg = quant_cfg(compressor="zstd", fit_prune="none")
+    report = quantize_and_pack(model, cfg, {}, (declared, DECLARED))
     assert report["bytes_model"] == size and report["pruned"] is None
     assert report["bytes_total"] == BYTES_CAP - 100
     with pytest.raises(PgolfError, match="fit_prune=none allows no pruning"):
-        export_mixed(model, cfg, {}, (BYTES_CAP - auto + 1, "imported pgolf files"))
+        quantize_and_pack(model, cfg, {}, (BYTES_CAP - auto + 1, "imported pgolf files"))
 
 
 def test_undeclared_code_bytes_are_the_shipped_script_and_the_report_says_so():
     cfg = load_preset("demo")
-    assert cfg.export.code_bytes == 0
+    assert cfg.quant.code_bytes == 0
     shipped = len(shipped_script(cfg.to_dict()).encode("utf-8"))
     assert code_budget(cfg) == (shipped, "the shipped train_gpt.py")
-    cfg.export.code_bytes = 83_260  # a record's declared script size overrides it
+    cfg.quant.code_bytes = 83_260  # a record's declared script size overrides it
     assert code_budget(cfg) == (83_260, DECLARED)
 
 
@@ -97,17 +97,17 @@ def test_inside_an_exported_script_the_script_itself_is_measured(monkeypatch, tm
 
 
 def test_explicit_target_bytes_is_named_as_the_target_source(model):
-    report = export_mixed(model, export_cfg(target_bytes=10**8), {}, (5_000, "test"))
+    report = quantize_and_pack(model, quant_cfg(target_bytes=10**8), {}, (5_000, "test"))
     assert report["target_bytes"] == 10**8
-    assert report["target_bytes_source"] == "export.target_bytes"
-    assert fit_log_lines(report) == ["fit target 100,000,000 model bytes (export.target_bytes)"]
+    assert report["target_bytes_source"] == "quant.target_bytes"
+    assert fit_log_lines(report) == ["fit target 100,000,000 model bytes (quant.target_bytes)"]
 
 
 def test_fitter_switching_the_configured_codec_to_auto_is_reported(model):
     zstd, auto = unpruned_size(model, compressor="zstd"), unpruned_size(model, compressor="auto")
     assert auto < zstd  # rANS beats zstd on the int6 sections, so only `auto` meets the target
-    cfg = export_cfg(compressor="zstd", fit_prune="none")
-    report = export_mixed(model, cfg, {}, (BYTES_CAP - auto, "test"))
+    cfg = quant_cfg(compressor="zstd", fit_prune="none")
+    report = quantize_and_pack(model, cfg, {}, (BYTES_CAP - auto, "test"))
     switch = report["codec_switched"]
     assert report["bytes_model"] == auto and report["compressor"] == "auto"
     assert (switch["from"], switch["to"]) == ("zstd", "auto")
@@ -118,14 +118,14 @@ def test_fitter_switching_the_configured_codec_to_auto_is_reported(model):
 
 @pytest.mark.parametrize("compressor", ["zstd", "auto"])
 def test_no_codec_switch_reports_none(model, compressor):
-    report = export_mixed(model, export_cfg(compressor=compressor), {}, (50_000, "test"))
+    report = quantize_and_pack(model, quant_cfg(compressor=compressor), {}, (50_000, "test"))
     assert report["codec_switched"] is None and report["compressor"] == compressor
     assert not any(line.startswith("codec switched") for line in fit_log_lines(report))
 
 
 def test_a_section_the_configured_codec_cannot_store_is_a_reported_switch(model):
     # The rANS coder stores int8 symbols only: the float16 sections go to `auto`.
-    report = export_mixed(model, export_cfg(compressor="rans"), {}, (50_000, "test"))
+    report = quantize_and_pack(model, quant_cfg(compressor="rans"), {}, (50_000, "test"))
     switch = report["codec_switched"]
     assert switch["why"] == "rans cannot store float16 sections; auto packed them"
     assert {s["dtype"] for s in switch["sections"]} == {"float16"}

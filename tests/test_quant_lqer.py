@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from pgolf.artifact.config import ExportConfig
 from pgolf.artifact.container import pack_sections, read_artifact, unpack_artifact
 from pgolf.artifact.int8 import SCALE_SUFFIX
 from pgolf.artifact.load import dequantize_artifact
@@ -17,17 +16,18 @@ from pgolf.artifact.mixed import FACTOR_A, FACTOR_B, dequantize_groups, dequanti
 from pgolf.config import resolve_config
 from pgolf.errors import PgolfError
 from pgolf.model.gpt import GPT
-from pgolf.quant.export import quantize_model, quantize_state
+from pgolf.quant.config import QuantConfig
 from pgolf.quant.grid import dequantize
 from pgolf.quant.hessian import collect_hessians
 from pgolf.quant.lqer import error_factors, factor_grids, quantize_groups
-from pgolf.quant.pipeline import export_mixed, hessian_names
+from pgolf.quant.pipeline import hessian_names, quantize_and_pack
 from pgolf.quant.policy import plan_tensors
-from tests.test_quant_export import small_model
+from pgolf.quant.quantize import quantize_model, quantize_state
+from tests.test_quant_mixed import small_model
 
 
-def lqer_cfg(**kw) -> ExportConfig:
-    base = ExportConfig(codec="mixed", keep_float_max_numel=1024, lqer=True, lqer_top_k=2)
+def lqer_cfg(**kw) -> QuantConfig:
+    base = QuantConfig(codec="mixed", keep_float_max_numel=1024, lqer=True, lqer_top_k=2)
     return dataclasses.replace(base, **kw)
 
 
@@ -131,8 +131,10 @@ def test_lqer_round_trips_through_the_artifact_bit_exactly_and_its_bytes_count(t
     ids = torch.randint(0, 128, (4, 64), generator=torch.Generator().manual_seed(1))
     hessians = collect_hessians(model, [ids], hessian_names(model, cfg))
     path = tmp_path / "artifact.pgolf"
-    report = export_mixed(model, cfg, hessians, (10_000, "test"), path=path)
-    plain = export_mixed(model, dataclasses.replace(cfg, lqer=False), hessians, (10_000, "test"))
+    report = quantize_and_pack(model, cfg, hessians, (10_000, "test"), path=path)
+    plain = quantize_and_pack(
+        model, dataclasses.replace(cfg, lqer=False), hessians, (10_000, "test")
+    )
     arrays, meta = read_artifact(path)
     corrected = [n for n, e in meta["tensors"].items() if "lqer" in e]
     assert len(corrected) == 2
@@ -190,10 +192,10 @@ def test_bad_lqer_settings_are_refused(field, value):
 
 
 def test_lqer_is_off_by_default_and_settable_by_tops_environment_names():
-    assert ExportConfig().lqer is False
+    assert QuantConfig().lqer is False
     cfg = resolve_config(
         "baseline",
-        ["export.codec=mixed"],
+        ["quant.codec=mixed"],
         environ={
             "LQER_ENABLED": "1",
             "LQER_RANK": "2",
@@ -201,7 +203,7 @@ def test_lqer_is_off_by_default_and_settable_by_tops_environment_names():
             "LQER_ASYM_ENABLED": "0",
         },
     )
-    ex = cfg.export
+    ex = cfg.quant
     assert (ex.lqer, ex.lqer_rank, ex.lqer_top_k, ex.lqer_asymmetric) == (True, 2, 5, False)
 
 

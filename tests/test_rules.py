@@ -152,6 +152,6 @@ def test_run_folder_records_round_trip_and_a_torn_metrics_line_is_dropped(tmp_pa
 
 def test_a_config_json_with_a_retired_key_still_loads(tmp_path):
     config = load_preset("demo").to_dict()
-    config["export"]["code_measure"] = "imported"  # runs made before the key was retired
+    config["quant"]["code_measure"] = "imported"  # runs made before the key was retired
     (tmp_path / rundir.CONFIG).write_text(json.dumps(config))
     assert rundir.load_config(tmp_path).to_dict() == load_preset("demo").to_dict()

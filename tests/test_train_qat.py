@@ -26,13 +26,13 @@ def _tiny_gpt() -> GPT:
     return model
 
 
-def test_fake_quantize_rounds_rows_to_the_exporters_symmetric_grid():
+def test_fake_quantize_rounds_rows_to_the_quantizers_symmetric_grid():
     w = torch.tensor([[0.31, -0.62, 0.05, 0.0], [1.0, 2.0, -3.0, 0.4], [0.0, 0.0, 0.0, 0.0]])
     q = fake_quantize_rows(w, bits=6)
     scale = w.abs().amax(dim=1, keepdim=True) / 31
     levels = q[:2] / scale[:2]
     torch.testing.assert_close(levels, levels.round(), rtol=0, atol=1e-5)
-    assert levels.abs().max() <= 31  # ±31 as the int6 export, not upstream's −32
+    assert levels.abs().max() <= 31  # ±31 as the int6 quantizer, not upstream's −32
     assert torch.equal(q[2], torch.zeros(4))  # a zero row stays zero (scale floor)
     # Percentile clipping: the outlier is clipped to the row's 50th percentile of |w|.
     clipped = fake_quantize_rows(torch.tensor([[0.1, 0.2, 0.3, 10.0]]), bits=6, clip_percentile=50)
@@ -64,7 +64,7 @@ def test_qat_changes_the_forward_once_enabled_compiled_or_not(backend):
             if isinstance(m, CastedLinear):
                 m.weight.copy_(fake_quantize_rows(m.weight, 6, 99.95))
     torch.testing.assert_close(on, expected(x), rtol=1e-5, atol=1e-5)
-    model.eval()  # the exporter quantises for real; eval scores the float weights
+    model.eval()  # the quantizer quantises for real; eval scores the float weights
     torch.testing.assert_close(model(x), reference)
     qat.detach()
     assert list(model.state_dict()) == keys
@@ -121,9 +121,9 @@ def test_late_qat_switches_on_below_the_lr_threshold_and_leaves_the_state_dict_a
 
 
 @pytest.mark.parametrize("floor", [False, True])
-def test_the_trainers_qat_rounds_with_the_exporters_scale_floor(tiny_dataset, tmp_path, floor):
+def test_the_trainers_qat_rounds_with_the_quantizers_scale_floor(tiny_dataset, tmp_path, floor):
     cfg = tiny_config(tiny_dataset, qat_enabled=True)
-    cfg.export.scale_floor = floor
+    cfg.quant.scale_floor = floor
     trainer = Trainer(cfg, resolve_dataset(cfg.data), CPU_WORLD, tmp_path, RunLog(tmp_path, False))
     assert trainer.qat.scale_floor is floor
     # A row of tiny weights: floored, the 1/31 grid rounds it to zero; unfloored, it keeps a shape.

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -21,12 +22,12 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from pgolf.artifact.config import ExportConfig
 from pgolf.data.config import DataConfig
 from pgolf.errors import PgolfError
 from pgolf.eval.config import EvalConfig, validate_eval_config
 from pgolf.model.config import ModelConfig
 from pgolf.model.layout import resolve_layout
+from pgolf.quant.config import QuantConfig
 from pgolf.train.config import TrainConfig
 
 
@@ -39,7 +40,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -54,12 +55,16 @@ SECTION_TYPES = {
     "model": ModelConfig,
     "train": TrainConfig,
     "eval": EvalConfig,
-    "export": ExportConfig,
+    "quant": QuantConfig,
 }
 SECTIONS = tuple(SECTION_TYPES)
 # Keys that older runs' config.json files carry and that no longer configure anything: read
-# and dropped, so those runs still load (export.code_measure: the shipped script is one form).
-RETIRED_KEYS = {("export", "code_measure")}
+# and dropped, so those runs still load (quant.code_measure: the shipped script is one form).
+RETIRED_KEYS = {("quant", "code_measure")}
+# Sections under their former names, old → new: an older run's config.json loads silently under
+# the new name; `--set export.x=v` still works and prints one line naming `quant.x`. "export" is
+# now only `pgolf export` (the submission folder); the quantizer's settings are `quant`.
+RENAMED_SECTIONS = {"export": "quant"}
 
 
 def _parse_value(text: str, target_type: type, where: str) -> Any:
@@ -151,6 +156,10 @@ def apply_overrides(cfg: RunConfig, assignments: list[str]) -> RunConfig:
             raise PgolfError(f"--set {item!r}: expected section.key=value, e.g. model.num_layers=4")
         path, value = item.split("=", 1)
         section, key = path.split(".", 1)
+        if section in RENAMED_SECTIONS:
+            old, section = section, RENAMED_SECTIONS[section]
+            note = f"the {old} section is now {section}; read as {section}.{key}"
+            print(f"pgolf: --set {path}: {note}", file=sys.stderr)
         _set_field(cfg, section, key, value, f"--set {item}")
     return cfg
 
@@ -174,6 +183,12 @@ def resolve_config(
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
     """Rebuild a config written by `RunConfig.to_dict` (a run's config.json)."""
     cfg = RunConfig(preset=data.get("preset", "baseline"), illegal=data.get("illegal", ""))
+    data = dict(data)
+    for old, new in RENAMED_SECTIONS.items():
+        if old in data:
+            if new in data:
+                raise PgolfError(f"config.json: both {old!r} and {new!r}; {old} is now {new}")
+            data[new] = data.pop(old)
     for section in SECTIONS:
         for key, value in data.get(section, {}).items():
             if (section, key) not in RETIRED_KEYS:

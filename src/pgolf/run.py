@@ -35,12 +35,12 @@ from pgolf.eval.score import score_nonoverlapping
 from pgolf.fileio import remove_empty_dirs, writable_dir
 from pgolf.model.gpt import GPT
 from pgolf.observe.sinks import open_sinks, require_sinks
-from pgolf.quant.pipeline import calibrate, code_budget, export_mixed, fit_log_lines
+from pgolf.quant.pipeline import calibrate, code_budget, fit_log_lines, quantize_and_pack
 from pgolf.runlog import RunLog
 from pgolf.safetensors_io import load_safetensors
 from pgolf.train.trainer import Trainer
 
-EXPORT_CODECS = ("int8-zlib", "mixed")
+QUANT_CODECS = ("int8-zlib", "mixed")
 # The small part of the quantizer report that goes into report.json (the rest: quant_report.json)
 QUANT_SUMMARY_KEYS = (
     "bytes_per_class",
@@ -196,25 +196,25 @@ def train_stage(
     )
 
 
-def export_stage(run_dir: Path, world: World, echo: bool = True) -> dict:
+def quantize_stage(run_dir: Path, world: World, echo: bool = True) -> dict:
     """Quantize the trained float weights and write the compressed artifact.
 
-    `int8-zlib` is the official baseline export; `mixed` is pgolf.quant (GPTQ, per-role bits,
+    `int8-zlib` is the official baseline int8 + zlib; `mixed` is pgolf.quant (GPTQ, per-role bits,
     fit-to-budget, per-section codecs). Calibration that reads training data is timed as
     `calib_time_s` and charged to the training budget.
     """
     cfg = rundir.load_config(run_dir)
-    if cfg.export.codec not in EXPORT_CODECS:
-        raise PgolfError(f"unknown export.codec {cfg.export.codec!r}; available: {EXPORT_CODECS}")
+    if cfg.quant.codec not in QUANT_CODECS:
+        raise PgolfError(f"unknown quant.codec {cfg.quant.codec!r}; available: {QUANT_CODECS}")
     weights = Path(run_dir) / rundir.WEIGHTS
     if not weights.is_file():
         raise PgolfError(f"{weights}: no trained weights; run `pgolf train {run_dir}` first")
     artifact = Path(run_dir) / rundir.ARTIFACT
-    fields: dict[str, Any] = {"codec": cfg.export.codec}
-    if cfg.export.codec == "int8-zlib":
+    fields: dict[str, Any] = {"codec": cfg.quant.codec}
+    if cfg.quant.codec == "int8-zlib":
         if world.is_main:
             arrays, meta = quantize_state_dict_int8(load_safetensors(weights))
-            write_artifact(artifact, arrays, {"format": cfg.export.codec, **meta}, codec="zlib")
+            write_artifact(artifact, arrays, {"format": cfg.quant.codec, **meta}, codec="zlib")
     else:
         model = GPT(cfg.model)
         model.load_state_dict(load_safetensors(weights), strict=True)
@@ -226,9 +226,9 @@ def export_stage(run_dir: Path, world: World, echo: bool = True) -> dict:
         if calib["calib_source"] == "train":  # the shards calibration may read, for the audit
             fields["calibration"]["files"] = [str(p.resolve()) for p in files.train]
         if world.is_main:
-            quant = export_mixed(
+            quant = quantize_and_pack(
                 model,
-                cfg.export,
+                cfg.quant,
                 hessians,
                 code_budget(cfg),
                 artifact,
@@ -264,7 +264,7 @@ def eval_stage(
     own = ev == cfg.eval and eval_files.val == files.val
     artifact = Path(run_dir) / rundir.ARTIFACT
     if not artifact.is_file():
-        raise PgolfError(f"{artifact}: no artifact; run `pgolf run` or export first")
+        raise PgolfError(f"{artifact}: no artifact; run `pgolf run` or `pgolf quantize` first")
     log = RunLog(
         run_dir, world.is_main, echo, open_sinks(loggers, run_dir) if world.is_main else ()
     )
@@ -367,7 +367,7 @@ def run_pipeline(
     except BaseException:
         discard_unstarted_run(run_dir, created, world)
         raise
-    export_stage(run_dir, world, echo=echo)
+    quantize_stage(run_dir, world, echo=echo)
     return eval_stage(run_dir, world, echo=echo, loggers=loggers)
 
 

@@ -6,7 +6,7 @@ RUN/metrics.jsonl      one JSON object per logged step / evaluation
 RUN/checkpoint/        resumable training state
 RUN/model.safetensors  float weights after training
 RUN/artifact.pgolf     the compressed submission weights
-RUN/quant_report.json  the mixed exporter's full report (its summary is report.json's `quant`)
+RUN/quant_report.json  the mixed quantizer's full report (its summary is report.json's `quant`)
 RUN/report.json        the numbers: BPB, bytes, time split, compliance; `evaluations` holds the
                        scores `pgolf eval` took under other settings
 

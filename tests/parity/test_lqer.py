@@ -1,4 +1,4 @@
-"""TOP's export (SPEC §5.19, §5.31) against pgolf's: int6 GPTQ matrices, the int7 embedding, the
+"""TOP's quantizer (SPEC §5.19, §5.31) against pgolf's: int6 GPTQ matrices, the int7 embedding, the
 int8-per-row attention gate and the LQER correction of the three worst matrices.
 
 These tests execute only the definitions they need from TOP's file (its quantiser, the gate and
@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pgolf.artifact.config import ExportConfig
 from pgolf.artifact.int8 import SCALE_SUFFIX
 from pgolf.artifact.mixed import FACTOR_A, FACTOR_B, dequantize_mixed
-from pgolf.quant.export import quantize_state
+from pgolf.quant.config import QuantConfig
+from pgolf.quant.quantize import quantize_state
 from tests.parity.official import assert_close, load_definitions
 
 TOP_DEFINITIONS = (
@@ -76,8 +76,8 @@ def top_state() -> tuple[dict, dict, dict]:
     return state, roles, hessians
 
 
-def pgolf_top_export(asymmetric: bool) -> ExportConfig:
-    return ExportConfig(
+def pgolf_top_quant(asymmetric: bool) -> QuantConfig:
+    return QuantConfig(
         codec="mixed",
         matrix_bits=6,
         embed_bits=7,
@@ -103,14 +103,14 @@ _FACTOR_KEYS = {
 
 
 @pytest.mark.parametrize("asymmetric", [True, False])
-def test_top_export_with_lqer_matches_the_record_bit_for_bit(asymmetric):
+def test_top_quant_with_lqer_matches_the_record_bit_for_bit(asymmetric):
     top = load_definitions("top", TOP_DEFINITIONS, **TOP_ENV, LQER_ASYM_ENABLED=int(asymmetric))
     h = top.args
     assert (h.lqer_enabled, h.lqer_rank, h.lqer_top_k, h.embed_bits) == (True, 4, 3, 7)
     state, roles, hessians = top_state()
     result, meta = top.gptq_mixed_quantize(state, hessians, h)
     theirs = top.dequantize_mixed(result, meta, state)
-    qm = quantize_state(state, roles, pgolf_top_export(asymmetric), hessians)
+    qm = quantize_state(state, roles, pgolf_top_quant(asymmetric), hessians)
     ours = dequantize_mixed(qm.arrays, qm.meta)
 
     entries = qm.meta["tensors"]

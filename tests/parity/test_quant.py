@@ -1,4 +1,4 @@
-"""Quantisation parity: pgolf's quantizer under each preset's export settings against the official
+"""Quantisation parity: pgolf's quantizer under each preset's quant settings against the official
 functions of the script the preset reproduces (SPEC §4.8, §5.12, §5.19–5.22, §9.6).
 
 One weight matrix for all: normal rows (max |w| ≈ 0.06, where the records' 1/qmax scale floor
@@ -11,8 +11,8 @@ Named differences, pinned rather than hidden:
   the float16 scale the decoder multiplies by. The stored scales agree exactly, and pgolf's sweep
   given the official float32 scales returns the official integers exactly.
 - The int8 tables (`quantize_float_tensor`) round against the float32 scale too, after clipping
-  w to ±c_r; pgolf's mixed export differs there by ±1 on a few entries, scales exact.
-- Upstream QAT clamps to [−qmax−1, qmax]; pgolf's STE to the exporter's ±qmax (SPEC §5.12).
+  w to ±c_r; pgolf's mixed quantizer differs there by ±1 on a few entries, scales exact.
+- Upstream QAT clamps to [−qmax−1, qmax]; pgolf's STE to the quantizer's ±qmax (SPEC §5.12).
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ import torch
 from pgolf.artifact import int8 as pgolf_int8
 from pgolf.artifact.mixed import dequantize_mixed
 from pgolf.config import load_preset
-from pgolf.quant.export import quantize_state
 from pgolf.quant.gptq import ClipRule, gptq_sweep, quantize_matrix
 from pgolf.quant.policy import class_bits, clip_rule, gptq_options
+from pgolf.quant.quantize import quantize_state
 from pgolf.train.qat import fake_quantize_rows
 from tests.parity.official import assert_close, load_definitions, load_official
 
@@ -74,7 +74,7 @@ def s1413_function(name: str) -> Callable:
 
 def preset_quantizer(preset: str, qclass: str = "mlp"):
     """(bits, clip rule, GPTQ options or None) of one quantisation class under a preset."""
-    cfg = load_preset(preset).export
+    cfg = load_preset(preset).quant
     opts = gptq_options(cfg) if cfg.quant_method == "gptq" else None
     return class_bits(cfg, qclass), clip_rule(cfg, qclass), opts
 
@@ -88,7 +88,7 @@ FLOORED = ["pr414", "pr549", "pr1019", "pr1060", "seed-p639", "seed-p610", "seed
 @pytest.mark.parametrize("preset", [*FLOORED, "pr1413", "baseline", "demo"])
 def test_presets_floor_row_scales_at_one_over_qmax_where_their_submission_does(preset):
     # S1394/S1413 floor at 1e-10 (no floor); the baseline codec floors inside its own int8 rule.
-    assert load_preset(preset).export.scale_floor == (preset in FLOORED)
+    assert load_preset(preset).quant.scale_floor == (preset in FLOORED)
 
 
 def test_the_floor_picks_the_records_coarse_grid_on_small_rows():
@@ -136,7 +136,7 @@ def test_preset_damping_equals_collection_plus_solver_damping(preset):
     collect = EXACT[preset][2]
     # H + c·m·I at collection, then 1 % (P1351 0.5 %) of the new mean diagonal, (1 + c)·m.
     total = collect + collect * (1 + collect)
-    assert_close(f"{preset} gptq_damp", load_preset(preset).export.gptq_damp, total, rtol=1e-12)
+    assert_close(f"{preset} gptq_damp", load_preset(preset).quant.gptq_damp, total, rtol=1e-12)
 
 
 @pytest.mark.parametrize(("preset", "script"), [("seed-p578", "p578"), ("seed-p1004", "p1004")])
@@ -182,7 +182,7 @@ def test_s1413_sdclip_gptq_matches(qclass, sigmas, bits):
     assert_close(f"pr1413 {qclass} integers", q, q_off)
 
 
-# --- int8 rows: the baseline codec and the mixed export's tables ---------------------------------
+# --- int8 rows: the baseline codec and the mixed quantizer's tables ----------------------------
 
 
 def test_baseline_int8_export_matches_quantize_state_dict_int8():
@@ -210,7 +210,7 @@ def test_int8_tables_match_quantize_float_tensor_up_to_the_float32_grid(preset):
     assert int((q != q_off).sum()) <= q.numel() // 1000
 
 
-# --- the whole mixed export, dequantised ----------------------------------------------------------
+# --- the whole mixed artifact, dequantised --------------------------------------------------------
 
 
 def mixed_state() -> tuple[dict, dict]:
@@ -228,12 +228,12 @@ def mixed_state() -> tuple[dict, dict]:
 
 
 @pytest.mark.parametrize(("preset", "script"), [("pr414", "s414"), ("pr549", "s549")])
-def test_mixed_export_dequantizes_to_the_officials_tensors(preset, script):
+def test_mixed_quantization_dequantizes_to_the_officials_tensors(preset, script):
     official = load_official(script)
     state, roles = mixed_state()
     result, meta = official.mixed_quantize_int6(state, {"mlp", "attn"})
     theirs = official.dequantize_mixed_int6(result, meta, state)
-    qm = quantize_state(state, roles, load_preset(preset).export)
+    qm = quantize_state(state, roles, load_preset(preset).quant)
     ours = dequantize_mixed(qm.arrays, qm.meta)
     for name, value in theirs.items():
         int8_row = meta[name] == {"type": "int8"}
@@ -262,7 +262,7 @@ def test_qat_fake_quant_matches_the_official_ste_with_the_floor(script):
     finally:
         official.CastedLinear._qat_enabled = False
     ours = fake_quantize_rows(w, bits, pct, scale_floor=True)
-    # Named difference: upstream may round to −qmax−1; pgolf clamps to the exporter's ±qmax.
+    # Named difference: upstream may round to −qmax−1; pgolf clamps to the quantizer's ±qmax.
     qmax = (1 << (bits - 1)) - 1
     scale = (w.abs().quantile(pct / 100, dim=1) if pct < 100 else w.abs().amax(1)) / qmax
     at_low_end = torch.round(w / scale.clamp_min(1 / qmax)[:, None]) < -qmax

@@ -75,13 +75,13 @@ SAME_SETTINGS = [
     ("eval", "ttt_batch_seqs", "global_ttt_batch_seqs"),
     ("eval", "ttt_grad_clip", "global_ttt_grad_clip"),
     *_alike(
-        "export",
+        "quant",
         "matrix_bits embed_bits matrix_clip_sigmas embed_clip_sigmas mlp_clip_sigmas "
         "attn_clip_sigmas lqer_rank lqer_top_k lqer_factor_bits lqer_asym_group",
     ),
-    ("export", "calib_batches", "gptq_calibration_batches"),
-    ("export", "lqer", "lqer_enabled"),
-    ("export", "lqer_asymmetric", "lqer_asym_enabled"),
+    ("quant", "calib_batches", "gptq_calibration_batches"),
+    ("quant", "lqer", "lqer_enabled"),
+    ("quant", "lqer_asymmetric", "lqer_asym_enabled"),
 ]
 
 
@@ -102,7 +102,7 @@ def test_the_switches_without_a_counterpart_field_say_the_same(record_args):
     assert cfg.model.xsa_last_n == -1 and h.xsa_last_n == h.num_layers  # XSA on every layer
     assert cfg.model.smear_gate == "v2" and h.smear_gate_enabled  # the BOS-masked gate
     assert cfg.model.doc_masked_attention and h.caseops_enabled  # VarLen on CaseOps shards
-    assert cfg.export.quant_overrides.endswith("=int8-gptq:rowmax") and h.gated_attn_quant_gate
+    assert cfg.quant.quant_overrides.endswith("=int8-gptq:rowmax") and h.gated_attn_quant_gate
     assert cfg.train.muon_polar_express  # the record's only Newton–Schulz (SPEC §5.17)
     assert not h.rope_yarn and not h.attn_out_gate_enabled and not h.gated_attn_enabled
 

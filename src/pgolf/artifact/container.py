@@ -45,7 +45,7 @@ and the header itself is brotli-compressed JSON because per-tensor names and met
 
 Header: {"sections": [{"codec", "nbytes", "tensors": [[name, dtype, shape], ...]}], "meta"}.
 A section's uncompressed bytes are its tensors' raw little-endian C-order bytes back to back.
-Version 1 stays the writer of the official int8 export so that its bytes do not change.
+Version 1 stays the writer of the official int8 artifact so that its bytes do not change.
 """
 
 from __future__ import annotations

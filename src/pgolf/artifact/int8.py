@@ -1,4 +1,4 @@
-"""The official baseline export (SPEC §4.8): int8 per-row quantisation of a state dict.
+"""The official baseline quantisation (SPEC §4.8): int8 per-row quantisation of a state dict.
 
 Per tensor, in this order:
 - not floating point: stored unchanged;
@@ -148,7 +148,7 @@ def quantize_state_dict_int8(state_dict: dict[str, torch.Tensor]) -> tuple[dict,
 def rebuild_state(
     arrays: dict, meta: dict, expected_format: str, decode: Callable
 ) -> dict[str, torch.Tensor]:
-    """The checks every export format shares, around a format-specific `decode`.
+    """The checks every artifact format shares, around a format-specific `decode`.
 
     `decode(name, scheme, stored, scale)` turns one stored tensor (and its float32 scales, or None)
     into values; this function restores the original dtype and checks the shape the meta records.

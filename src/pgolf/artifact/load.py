@@ -1,4 +1,4 @@
-"""An artifact file back to the model it decodes to, whichever export wrote it.
+"""An artifact file back to the model it decodes to, whichever codec wrote it.
 
 Evaluation and the audit load artifacts here, beside the container and the two formats
 (`pgolf.artifact.int8`, `pgolf.artifact.mixed`): reading an artifact needs no quantizer.
@@ -19,7 +19,7 @@ from pgolf.model.gpt import GPT
 
 
 def dequantize_artifact(arrays: dict[str, np.ndarray], meta: dict) -> dict[str, Tensor]:
-    """Either export format back to a float state dict (eval loads any artifact through this)."""
+    """Either artifact format back to a float state dict (eval loads any artifact through this)."""
     fmt = meta.get("format") if isinstance(meta, dict) else None
     if fmt == int8.FORMAT:
         return int8.dequantize_state_dict_int8(arrays, meta)

@@ -1,7 +1,7 @@
-"""The mixed export's format (`pgolf-mixed-v1`, SPEC §5.19) as a reader sees it.
+"""The mixed codec's format (`pgolf-mixed-v1`, SPEC §5.19) as a reader sees it.
 
 Arrays: an int tensor stores its int8 values under its own name and its float16 row scales under
-`name + SCALE_SUFFIX`; float16 and raw tensors store themselves. With `export.lqer` a corrected
+`name + SCALE_SUFFIX`; float16 and raw tensors store themselves. With `quant.lqer` a corrected
 matrix NAME adds its low-rank factors as int8 arrays `NAME::lqer_a` / `NAME::lqer_b`, each with
 group scales under `SCALE_SUFFIX`, and its meta entry gains `"lqer": {"rank", "layout"}`. `meta`
 records each tensor's scheme, original dtype and shape, so dequantisation restores a state dict
@@ -75,7 +75,7 @@ def _decode(name: str, scheme, stored: Tensor, scale: Tensor | None) -> Tensor:
 
 
 def dequantize_mixed(arrays: dict[str, np.ndarray], meta: dict) -> dict[str, Tensor]:
-    """Inverse of `pgolf.quant.export.quantize_state`: q · s per row (+ the LQER factors'
+    """Inverse of `pgolf.quant.quantize.quantize_state`: q · s per row (+ the LQER factors'
     product) in float32, then the original dtype."""
 
     def decode(name: str, scheme, stored: Tensor, scale: Tensor | None) -> Tensor:

@@ -90,9 +90,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
-    from pgolf.run import export_stage
+    from pgolf.run import quantize_stage
 
-    run_stage(args, export_stage, then=f"pgolf eval {args.run}", echo=not args.json)
+    run_stage(args, quantize_stage, then=f"pgolf eval {args.run}", echo=not args.json)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

@@ -27,7 +27,7 @@ from pgolf.export.reach import Reach, minify, reach
 # their values that says it is off. The script carries a stand-in for each such module that raises
 # on any use, and refuses an environment override of those settings, so a wrong test fails the run
 # loudly rather than changing it. Only the score-first TTT and the illegal pre-quant TTT run
-# pgolf.eval.ttt; only `export.codec = "mixed"` runs the GPTQ pipeline; QAT is built only when it
+# pgolf.eval.ttt; only `quant.codec = "mixed"` runs the GPTQ pipeline; QAT is built only when it
 # can switch on.
 UNUSED_WHEN: dict[str, tuple[tuple[str, ...], Callable[..., bool]]] = {
     "pgolf.eval.ttt": (
@@ -35,7 +35,7 @@ UNUSED_WHEN: dict[str, tuple[tuple[str, ...], Callable[..., bool]]] = {
         lambda ttt, prequant: not (ttt or prequant),
     ),
     "pgolf.eval.prequant": (("eval.prequant_ttt_enabled",), lambda prequant: not prequant),
-    "pgolf.quant.pipeline": (("export.codec",), lambda codec: codec != "mixed"),
+    "pgolf.quant.pipeline": (("quant.codec",), lambda codec: codec != "mixed"),
     "pgolf.train.qat": (
         ("train.qat_enabled", "train.late_qat_threshold"),
         lambda qat, late: not qat and late <= 0,

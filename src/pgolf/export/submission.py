@@ -32,9 +32,9 @@ TECHNIQUES = {
     ("eval", "eval_mode"): "§3.6 sliding-window evaluation",
     ("eval", "ttt_enabled"): "§5.29 score-first (legal) TTT",
     ("eval", "prequant_ttt_enabled"): "§5.30 pre-quant TTT on validation data (ILLEGAL)",
-    ("export", "codec"): "§5.19–5.21 quantised storage, per-role precision, GPTQ",
-    ("export", "compressor"): "§5.25 compression back-ends",
-    ("export", "calib_source"): "§5.23 calibration source (§1.3 timing)",
+    ("quant", "codec"): "§5.19–5.21 quantised storage, per-role precision, GPTQ",
+    ("quant", "compressor"): "§5.25 compression back-ends",
+    ("quant", "calib_source"): "§5.23 calibration source (§1.3 timing)",
     ("train", "ema_decay"): "§5.5 EMA of weights",
     ("train", "late_qat_threshold"): "§5.12 late QAT",
     ("model", "num_layers"): "§5.2 wider / deeper",
@@ -51,7 +51,7 @@ TECHNIQUES = {
 _DISTRIBUTIONS = {"yaml": "pyyaml"}
 _STDLIB_BACKPORTS = {"tomli": "tomli; python_version < '3.11'"}
 _IMPORT_ERRORS = ("ImportError", "ModuleNotFoundError")
-# Imported only by the codecs that use them; the mixed export's fit-to-budget may try them all.
+# Imported only by the codecs that use them; the mixed quantizer's fit-to-budget may try them all.
 _MIXED_EXPORT_COMPRESSORS = ("brotli", "zstandard")
 
 
@@ -96,12 +96,12 @@ def third_party_requirements(config: dict) -> list[str]:
     """Pinned distributions the exported script needs (stdlib and pgolf excluded).
 
     Those the bundled code imports unconditionally, plus the optional compressors when the
-    config's export can use them.
+    config's quantizer can use them.
     """
     names = set()
     for source in bundled_code(config).readable().values():
         names |= required_imports(ast.parse(source))
-    if config.get("export", {}).get("codec") == "mixed":
+    if config.get("quant", {}).get("codec") == "mixed":
         names |= set(_MIXED_EXPORT_COMPRESSORS)
     names -= set(sys.stdlib_module_names) | {"pgolf", "__future__"}
     lines = []

@@ -112,7 +112,7 @@ class ModelConfig:
     # runs on CUDA; the default, so the default model is the baseline's on a GPU as well) --
     # Every script casts its model with `.bfloat16()` and restores only CastedLinear weights,
     # banks and low-dim/control tensors to fp32: the embedding tables (tok_emb, bigram.embed,
-    # ve_shared.embed) are trained, averaged and exported in bf16.
+    # ve_shared.embed) are trained, averaged and saved in bf16.
     bf16_tables: str = "cuda"
     # The same cast makes RoPE's inv_freq bf16, so the un-rescaled tables (positions included:
     # above 256 they round to even numbers, above 1024 to multiples of 8) are built in bf16;

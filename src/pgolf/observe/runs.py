@@ -70,7 +70,7 @@ def load_run(run_dir: str | Path) -> RunRecords:
 def artifact_bytes_per_class(run: RunRecords) -> tuple[dict[str, float], str] | None:
     """(bytes per quantization class, source) or None when the run has no artifact yet.
 
-    Mixed exports report their own split (`quant.bytes_per_class`). For the int8 + zlib artifact
+    Mixed artifacts report their own split (`quant.bytes_per_class`). For the int8 + zlib artifact
     the payload is compressed as one stream, so each tensor group gets the file's bytes in
     proportion to its raw bytes, the same attribution pgolf.quant.fit uses inside a section.
     """
@@ -97,7 +97,7 @@ def artifact_bytes_per_class(run: RunRecords) -> tuple[dict[str, float], str] | 
 
 
 def _int8_group(name: str, scheme: str, role: str | None) -> str:
-    """`class (storage)`: small tensors stay float in the int8 export, so the class alone would
+    """`class (storage)`: small tensors stay float in the int8 artifact, so the class alone would
     hide whether the bytes are int8 rows or fp16 copies."""
     from pgolf.quant.policy import quant_class
 

@@ -27,7 +27,7 @@ from pgolf.artifact.container import PackedArtifact, pack_sections
 from pgolf.artifact.int8 import SCALE_SUFFIX
 from pgolf.artifact.mixed import LQER_MARK
 from pgolf.errors import PgolfError
-from pgolf.quant.export import QuantizedModel
+from pgolf.quant.quantize import QuantizedModel
 from pgolf.rules import BYTES_CAP
 
 PRUNE_MODES = ("pm1", "magnitude", "none")
@@ -130,9 +130,9 @@ def fit_to_budget(
 ) -> tuple[PackedArtifact, dict]:
     """Pack `qm` (pruning it in place if needed) so the artifact is ≤ target_bytes."""
     if prune not in PRUNE_MODES:
-        raise PgolfError(f"export.fit_prune {prune!r}: expected one of {PRUNE_MODES}")
+        raise PgolfError(f"quant.fit_prune {prune!r}: expected one of {PRUNE_MODES}")
     if target_bytes <= 0:
-        raise PgolfError(f"export.target_bytes: {target_bytes} leaves no room for the model")
+        raise PgolfError(f"quant.target_bytes: {target_bytes} leaves no room for the model")
     info: dict = {"target_bytes": int(target_bytes), "compressor": compressor, "pruned": None}
     packed = pack_sections(qm.arrays, qm.meta, codec=compressor)
     info["unpruned_bytes"] = len(packed.data)
@@ -152,8 +152,8 @@ def fit_to_budget(
             return packed, info
     if prune == "none":
         raise PgolfError(
-            f"export.target_bytes={target_bytes}: the artifact is {len(packed.data):,} bytes "
-            "and export.fit_prune=none allows no pruning"
+            f"quant.target_bytes={target_bytes}: the artifact is {len(packed.data):,} bytes "
+            "and quant.fit_prune=none allows no pruning"
         )
     # Zeroing a few entries barely changes which back-end wins a section, so later rounds reuse
     # the codecs `auto` just chose instead of trying every back-end again (minutes at 27M params).
@@ -200,7 +200,7 @@ def fit_to_budget(
     for name in names:
         qm.arrays[name] = original[name]
     raise PgolfError(
-        f"export.target_bytes={target_bytes:,}: cannot fit; after pruning every {prune} "
+        f"quant.target_bytes={target_bytes:,}: cannot fit; after pruning every {prune} "
         f"candidate the artifact is still {size:,} bytes (lower the bit widths or clip sigmas)"
     )
 

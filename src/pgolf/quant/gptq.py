@@ -6,7 +6,7 @@ changes least: the minimised error is tr(ΔW H ΔWᵀ) with H = Σ xᵀx over th
 that does not depend on the scales (dead columns, order, damped float64 factorisation) and the
 column sweep. `quantize_matrix` adds the scale choice around it (clip rule; S1019/P639's "one GPTQ
 pass per clip candidate", which reuses one preparation for all candidates as S1019 does; P610's
-least-squares scale refit) and is what the exporter calls.
+least-squares scale refit) and is what the quantizer calls.
 
 Seed variants (SPEC §9.6) are options, not forks: `order` (desc = act-order, natural, asc) and
 `feedback` ("cholesky", the exact upper Cholesky factor of H⁻¹, or "raw", rows of H⁻¹ itself as
@@ -14,7 +14,7 @@ P610/P578/P1004 do, exact only for the first column). The exact algorithm is the
 
 Failure policy: if Cholesky fails, damping is raised tenfold (up to `max_damp_retries` times) and
 the final damping is reported; if it still fails the matrix is rounded to nearest and
-`stats["fallback"]` says so, so the exporter's report lists it (never silently).
+`stats["fallback"]` says so, so the quantizer's report lists it (never silently).
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ def min_scale(qmax: int, floor: bool = False) -> float:
     """The smallest row scale: 1/qmax with the records' floor, else MIN_SCALE.
 
     The 1/qmax floor is what every record from the baseline to S1060 (and the seeds) does, in the
-    exporter and in QAT alike: it binds on every row with c_r < 1, i.e. nearly all trained rows,
+    quantizer and in QAT alike: it binds on every row with c_r < 1, i.e. nearly all trained rows,
     which then use the grid {k/qmax}, much coarser than their range (SPEC §4.8, §5.20). S1394+
     floor at 1e-10 instead, i.e. not at all.
     """

@@ -36,23 +36,22 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pgolf.artifact.config import ExportConfig
 from pgolf.artifact.int8 import SCALE_SUFFIX
 from pgolf.artifact.mixed import FACTOR_A, FACTOR_B, dequantize_groups
 from pgolf.errors import PgolfError
+from pgolf.quant.config import QuantConfig
 from pgolf.quant.grid import to_fp16_scale
 
 
-def check_config(cfg: ExportConfig) -> None:
+def check_config(cfg: QuantConfig) -> None:
     if cfg.lqer_rank < 1 or cfg.lqer_top_k < 1:
         raise PgolfError(
-            f"export.lqer_rank ({cfg.lqer_rank}) and export.lqer_top_k ({cfg.lqer_top_k}) "
-            "must be ≥ 1"
+            f"quant.lqer_rank ({cfg.lqer_rank}) and quant.lqer_top_k ({cfg.lqer_top_k}) must be ≥ 1"
         )
     if not 2 <= cfg.lqer_factor_bits <= 8:
-        raise PgolfError(f"export.lqer_factor_bits {cfg.lqer_factor_bits}: expected 2..8")
+        raise PgolfError(f"quant.lqer_factor_bits {cfg.lqer_factor_bits}: expected 2..8")
     if cfg.lqer_asym_group < 1:
-        raise PgolfError(f"export.lqer_asym_group {cfg.lqer_asym_group}: expected ≥ 1")
+        raise PgolfError(f"quant.lqer_asym_group {cfg.lqer_asym_group}: expected ≥ 1")
 
 
 def error_factors(e: Tensor, rank: int) -> tuple[Tensor, Tensor]:
@@ -70,7 +69,7 @@ def quantize_groups(x: Tensor, group: int, lo: int, hi: int) -> tuple[Tensor, Te
     return q.reshape(x.shape), scale
 
 
-def factor_grids(cfg: ExportConfig, rows: int, cols: int, rank: int) -> tuple[str, tuple, tuple]:
+def factor_grids(cfg: QuantConfig, rows: int, cols: int, rank: int) -> tuple[str, tuple, tuple]:
     """(layout, (group, lo, hi) of A, (group, lo, hi) of B) for a rows × cols matrix."""
     if cfg.lqer_asymmetric and (rank * cols) % cfg.lqer_asym_group == 0:
         return "asym", (rows * rank, -2, 1), (cfg.lqer_asym_group, -8, 7)
@@ -93,7 +92,7 @@ def add_corrections(
     state: dict[str, Tensor],
     arrays: dict[str, np.ndarray],
     entries: dict[str, dict],
-    cfg: ExportConfig,
+    cfg: QuantConfig,
 ) -> dict[str, dict]:
     """Correct the top-k int matrices in place (arrays, meta entries); stats per corrected one."""
     check_config(cfg)

@@ -2,10 +2,10 @@
 
     hessians, calib = calibrate(model, cfg, files, world)      # reads training data: timed
     code = code_budget(cfg)                                    # (bytes, where they came from)
-    report = export_mixed(model, cfg.export, hessians, code, RUN / "artifact.pgolf")
+    report = quantize_and_pack(model, cfg.quant, hessians, code, RUN / "artifact.pgolf")
 
 `calibrate` is the only part that reads training data, so its seconds (`calib_time_s`) belong to
-the training budget (SPEC §1.3); everything in `export_mixed` touches no data.
+the training budget (SPEC §1.3); everything in `quantize_and_pack` touches no data.
 """
 
 from __future__ import annotations
@@ -17,22 +17,22 @@ import torch
 from torch import nn
 
 from pgolf import rules
-from pgolf.artifact.config import ExportConfig
 from pgolf.artifact.container import write_sections
 from pgolf.config import RunConfig
 from pgolf.data.dataset import DatasetFiles
 from pgolf.dist import World
 from pgolf.errors import PgolfError
 from pgolf.quant import calibration
-from pgolf.quant.export import parameter_roles, quantize_model
+from pgolf.quant.config import QuantConfig
 from pgolf.quant.fit import artifact_report, default_target_bytes, fit_to_budget
 from pgolf.quant.hessian import HessianCollector, collect_hessians
 from pgolf.quant.policy import plan_tensors
+from pgolf.quant.quantize import parameter_roles, quantize_model
 
 CALIB_SOURCES = ("train", "selfgen")
 
 
-def hessian_names(model: nn.Module, cfg: ExportConfig) -> list[str]:
+def hessian_names(model: nn.Module, cfg: QuantConfig) -> list[str]:
     """Tensors whose quantisation uses a Hessian (GPTQ or Hessian-aware SDClip)."""
     plans = plan_tensors(model.state_dict(), parameter_roles(model), cfg)
     capturable = set(HessianCollector(model).names)
@@ -54,16 +54,14 @@ def calibrate(
     progress: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Hessians for every GPTQ tensor; `loader` continues the trainer's stream if given."""
-    ex = cfg.export
+    ex = cfg.quant
     names = hessian_names(model, ex)
     info = {"calib_source": ex.calib_source, "calib_time_s": 0.0, "calib_batches": 0}
     if not names:
         info["calib_source"] = "none"
         return {}, info
     if ex.calib_source not in CALIB_SOURCES:
-        raise PgolfError(
-            f"export.calib_source {ex.calib_source!r}: expected one of {CALIB_SOURCES}"
-        )
+        raise PgolfError(f"quant.calib_source {ex.calib_source!r}: expected one of {CALIB_SOURCES}")
     t0 = time.perf_counter()
     if ex.calib_source == "train":
         if loader is None and files is None:
@@ -114,16 +112,16 @@ def code_budget(cfg: RunConfig) -> tuple[int, str]:
     """The code bytes the fit target leaves room for (SPEC §1.2), and where that figure came from.
 
     The shipped train_gpt.py, as report.json's `bytes_code` counts it; a record preset may
-    declare its own script's size instead (`export.code_bytes`), to fit that record's budget.
+    declare its own script's size instead (`quant.code_bytes`), to fit that record's budget.
     """
-    if cfg.export.code_bytes > 0:
-        return cfg.export.code_bytes, "export.code_bytes (declared size of the record's script)"
+    if cfg.quant.code_bytes > 0:
+        return cfg.quant.code_bytes, "quant.code_bytes (declared size of the record's script)"
     return rules.shipped_code_bytes(cfg.to_dict())
 
 
-def export_mixed(
+def quantize_and_pack(
     model: nn.Module,
-    cfg: ExportConfig,
+    cfg: QuantConfig,
     hessians: dict[str, torch.Tensor],
     code: tuple[int, str],
     path: str | Path | None = None,
@@ -144,7 +142,7 @@ def export_mixed(
     report["code_bytes"] = code_bytes
     report["code_bytes_source"] = code_source
     report["target_bytes_source"] = (
-        "export.target_bytes" if cfg.target_bytes else f"{rules.BYTES_CAP:,} − code_bytes"
+        "quant.target_bytes" if cfg.target_bytes else f"{rules.BYTES_CAP:,} − code_bytes"
     )
     report["bytes_total"] = len(packed.data) + code_bytes
     return report
@@ -153,8 +151,8 @@ def export_mixed(
 def fit_log_lines(report: dict) -> list[str]:
     """train.log lines for the byte budget the fitter used and any codec it switched."""
     target = report["target_bytes"]
-    if report["target_bytes_source"] == "export.target_bytes":
-        lines = [f"fit target {target:,} model bytes (export.target_bytes)"]
+    if report["target_bytes_source"] == "quant.target_bytes":
+        lines = [f"fit target {target:,} model bytes (quant.target_bytes)"]
     else:
         lines = [
             f"fit target {target:,} = {rules.BYTES_CAP:,} − {report['code_bytes']:,} code bytes "

@@ -1,4 +1,4 @@
-"""What each tensor becomes (SPEC §5.19): a plan per tensor from its role, name and ExportConfig.
+"""What each tensor becomes (SPEC §5.19): a plan per tensor from its role, name and QuantConfig.
 
 Classes, from the parameter role set where the parameter was created (pgolf.model.roles) and,
 inside the `matrix` role, the record's name rule (`.mlp.` → mlp, `.attn.` → attn):
@@ -27,8 +27,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from pgolf.artifact.config import ExportConfig
 from pgolf.errors import PgolfError
+from pgolf.quant.config import QuantConfig
 from pgolf.quant.gptq import ClipRule, GPTQOptions
 from pgolf.quant.grid import SUPPORTED_BITS
 
@@ -68,7 +68,7 @@ def parse_overrides(text: str) -> list[tuple[str, str, int, bool | None, str | N
         m = _OVERRIDE.match(spec.strip())
         if not pattern or not m:
             raise PgolfError(
-                f"export.quant_overrides: cannot read {item!r}; expected glob=fp16 or "
+                f"quant.quant_overrides: cannot read {item!r}; expected glob=fp16 or "
                 "glob=int5..int8 with optional +gptq/-gptq and :clip"
             )
         gptq = None if m.group(3) is None else m.group(3) == "+gptq"
@@ -79,7 +79,7 @@ def parse_overrides(text: str) -> list[tuple[str, str, int, bool | None, str | N
     return out
 
 
-def clip_rule(cfg: ExportConfig, qclass: str) -> ClipRule:
+def clip_rule(cfg: QuantConfig, qclass: str) -> ClipRule:
     if qclass == "table":
         method, sigmas = "percentile", 0.0
     elif qclass in ("embed", "head"):
@@ -98,17 +98,17 @@ def clip_rule(cfg: ExportConfig, qclass: str) -> ClipRule:
             floor=cfg.scale_floor,
         )
     except ValueError as e:
-        raise PgolfError(f"export clip setting: {e}") from None
+        raise PgolfError(f"quant clip setting: {e}") from None
 
 
 def _with_clip(rule: ClipRule, method: str) -> ClipRule:
     try:
         return replace(rule, method=method)
     except ValueError as e:
-        raise PgolfError(f"export.quant_overrides: {e}") from None
+        raise PgolfError(f"quant.quant_overrides: {e}") from None
 
 
-def class_bits(cfg: ExportConfig, qclass: str) -> int:
+def class_bits(cfg: QuantConfig, qclass: str) -> int:
     bits = {
         "embed": cfg.embed_bits,
         "table": 8,
@@ -117,11 +117,11 @@ def class_bits(cfg: ExportConfig, qclass: str) -> int:
         "mlp": cfg.mlp_bits or cfg.matrix_bits,
     }.get(qclass, cfg.matrix_bits)
     if bits not in SUPPORTED_BITS:
-        raise PgolfError(f"export: {qclass} bits {bits} unsupported; expected {SUPPORTED_BITS}")
+        raise PgolfError(f"quant: {qclass} bits {bits} unsupported; expected {SUPPORTED_BITS}")
     return bits
 
 
-def gptq_options(cfg: ExportConfig) -> GPTQOptions:
+def gptq_options(cfg: QuantConfig) -> GPTQOptions:
     try:
         return GPTQOptions(
             block_size=cfg.gptq_block_size,
@@ -131,15 +131,15 @@ def gptq_options(cfg: ExportConfig) -> GPTQOptions:
             refit_scales=cfg.gptq_refit_scales,
         )
     except ValueError as e:
-        raise PgolfError(f"export GPTQ setting: {e}") from None
+        raise PgolfError(f"quant GPTQ setting: {e}") from None
 
 
 def plan_tensors(
-    state: dict[str, torch.Tensor], roles: dict[str, str], cfg: ExportConfig
+    state: dict[str, torch.Tensor], roles: dict[str, str], cfg: QuantConfig
 ) -> dict[str, TensorPlan]:
     """name → TensorPlan for every state-dict entry; `roles` maps parameter names to roles."""
     if cfg.quant_method not in ("gptq", "rtn"):
-        raise PgolfError(f"export.quant_method {cfg.quant_method!r}: expected gptq or rtn")
+        raise PgolfError(f"quant.quant_method {cfg.quant_method!r}: expected gptq or rtn")
     overrides = parse_overrides(cfg.quant_overrides)
     plans: dict[str, TensorPlan] = {}
     for name, t in state.items():

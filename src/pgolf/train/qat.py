@@ -11,12 +11,12 @@ Why this shape:
   without a recompile. When off it multiplies the correction by 0, leaving the weights bit-exact.
 - The model code is not touched: `QAT(model)` gives each matrix layer an instance-level `forward`
   (the class's forward is untouched and comes back on `detach`). Parameters, their names and the
-  state dict stay exactly as they were, so checkpoints and exports never see QAT.
-- Clipping matches the exporter: the row scale is `clip/qmax` with `clip` the row's
+  state dict stay exactly as they were, so checkpoints and artifacts never see QAT.
+- Clipping matches the quantizer: the row scale is `clip/qmax` with `clip` the row's
   `clip_percentile`-th percentile of |w| (100 = row max, S414; 99.95 = P578's "matched" clip) and
-  values rounded into the exporter's symmetric range ±qmax (int6: ±31). Upstream's STE clamped to
-  [−32, 31] while exporting ±31; matching the exporter is the point of QAT, so the range is the
-  exporter's. For the same reason the scale comes from the exporter's own rule,
+  values rounded into the quantizer's symmetric range ±qmax (int6: ±31). Upstream's STE clamped to
+  [−32, 31] while quantizing to ±31; matching the quantizer is the point of QAT, so the range is the
+  quantizer's. For the same reason the scale comes from the quantizer's own rule,
   `grid.row_scale`, including its optional 1/qmax floor (upstream's STE floors at 1/qmax).
 """
 

@@ -146,8 +146,8 @@ class Trainer:
         # and switching it on later needs no recompile (SPEC §5.12).
         self.qat: QAT | None = None
         if t.qat_enabled or t.late_qat_threshold > 0:
-            # The exporter's grid, floor included, so training rounds as the artifact will.
-            floor = cfg.export.scale_floor
+            # The quantizer's grid, floor included, so training rounds as the artifact will.
+            floor = cfg.quant.scale_floor
             self.qat = QAT(self.model, t.qat_bits, t.qat_clip_percentile, floor)
             self.qat.set_active(t.qat_enabled)
         loss_module: nn.Module = _LossModule(self.model)

@@ -1,6 +1,7 @@
-"""Artifact settings: how the trained weights become the compressed submission.
+"""The quantizer's settings, the config's `quant` section: how the quantize stage turns the
+trained weights into the compressed artifact.
 
-`codec` picks the pipeline: "int8-zlib" is the official baseline export (SPEC §4.8) and ignores
+`codec` picks the pipeline: "int8-zlib" is the official baseline (SPEC §4.8) and ignores
 every other field; "mixed" is pgolf.quant (SPEC §5.19–5.25): per-role bit widths and clips, GPTQ
 with calibration Hessians, fit-to-budget pruning and per-section compression. Fields that an
 upstream script reads from the environment carry its name.
@@ -14,7 +15,7 @@ from pgolf.config_fields import env_field
 
 
 @dataclass
-class ExportConfig:
+class QuantConfig:
     codec: str = "int8-zlib"  # "int8-zlib" (official, SPEC §4.8) | "mixed" (pgolf.quant)
     # -- what each role becomes (SPEC §5.19); attn/mlp 0 = inherit the matrix setting --
     quant_method: str = env_field("QUANT_METHOD", "gptq")  # gptq | rtn

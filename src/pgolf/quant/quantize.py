@@ -1,7 +1,7 @@
 """Quantise a whole model by plan (policy) into container arrays (SPEC §5.19).
 
 The arrays and meta are the mixed format, `pgolf.artifact.mixed`, which also reads them back;
-with `export.lqer` the corrected matrices add their low-rank factors (`pgolf.quant.lqer`).
+with `quant.lqer` the corrected matrices add their low-rank factors (`pgolf.quant.lqer`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pgolf.artifact.config import ExportConfig
 from pgolf.artifact.container import tensor_to_array
 from pgolf.artifact.int8 import SCALE_SUFFIX
 from pgolf.artifact.mixed import FORMAT
@@ -21,6 +20,7 @@ from pgolf.errors import PgolfError
 from pgolf.model.roles import role_of
 from pgolf.progress import progress_bar
 from pgolf.quant import lqer
+from pgolf.quant.config import QuantConfig
 from pgolf.quant.gptq import quantize_matrix
 from pgolf.quant.hessian import HessianCollector
 from pgolf.quant.policy import TensorPlan, gptq_options, plan_tensors
@@ -52,7 +52,7 @@ def magnitude_prune(w: Tensor, pct: float) -> Tensor:
 def quantize_state(
     state: dict[str, Tensor],
     roles: dict[str, str],
-    cfg: ExportConfig,
+    cfg: QuantConfig,
     hessians: dict[str, Tensor] | None = None,
     gptq_capable: set[str] | None = None,
     progress: bool = False,
@@ -96,7 +96,7 @@ def quantize_state(
             w = magnitude_prune(t.float(), cfg.prune_pct)
             h = hessians.get(name)
             if plan.clip.method == "hsdclip" and h is None:
-                raise PgolfError(f"export.matrix_clip=hsdclip: no calibration Hessian for {name}")
+                raise PgolfError(f"quant.matrix_clip=hsdclip: no calibration Hessian for {name}")
             opts = options if plan.gptq else None
             q, scale, st = quantize_matrix(w, h, plan.bits, plan.clip, opts)
             if plan.gptq and h is None:
@@ -116,7 +116,7 @@ def quantize_state(
 
 def quantize_model(
     model: nn.Module,
-    cfg: ExportConfig,
+    cfg: QuantConfig,
     hessians: dict[str, Tensor] | None = None,
     progress: bool = False,
 ) -> QuantizedModel:
