@@ -23,7 +23,8 @@ DEV_SHARD = shared_data("corpus", "fineweb_pg_sp1024_dev_shard", "fineweb_train_
 @pytest.fixture(autouse=True, scope="session")
 def one_torch_thread():
     # The tests' matmuls are tiny: on a shared 2-core box two spinning OpenMP threads handing
-    # work back and forth made them 3–35× slower than one thread.
+    # work back and forth made them 3–35× slower than one thread. One thread also fixes how
+    # float sums are split, which the bit-exact parity and golden tests rely on.
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

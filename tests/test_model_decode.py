@@ -27,14 +27,6 @@ TOL = 1e-5
 LENGTH = 14  # past the cut nominal RoPE length of 8, so the NTK base moves at every later step
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def _variant(preset: str, **changes) -> ModelConfig:
     cfg = shrunk_config(preset)
     cfg.vocab_size = 96

@@ -57,14 +57,6 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def _random_gpt(cfg: ModelConfig) -> GPT:
     model = GPT(cfg).eval()
     gen = torch.Generator().manual_seed(0)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import pytest
 import torch
 
 from pgolf.model.doc_mask import cu_seqlens, documents
@@ -28,14 +27,6 @@ from .test_top_model import _random_official
 T = 48
 BOS = 1
 TOL = 1e-6  # per-segment SDPA against one masked SDPA: the same sums, blocked differently
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def _tokens(seed: int) -> torch.Tensor:

@@ -37,14 +37,6 @@ TOP_ENV = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)  # SVD and matmul sums split over threads round differently
-    yield
-    torch.set_num_threads(saved)
-
-
 def matrix(rows: int, cols: int, std: float, seed: int) -> torch.Tensor:
     return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * std
 

@@ -39,14 +39,6 @@ from .official import assert_close, cuda_autocast_on_cpu
 PRESETS = list(PRESET_SCRIPT)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)  # a float sum split over more threads rounds differently
-    yield
-    torch.set_num_threads(saved)
-
-
 def _randomized(module: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -36,14 +36,6 @@ from tests.parity.official import assert_close, load_definitions, load_official
 ROWS, COLS = 64, 256  # two GPTQ blocks of 128
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)  # float sums split over threads round differently
-    yield
-    torch.set_num_threads(saved)
-
-
 def weights(rows: int = ROWS, cols: int = COLS, seed: int = 0) -> torch.Tensor:
     w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 0.02
     w[1:9] *= 0.05  # tiny rows

@@ -9,7 +9,6 @@ per-chunk Adam step reads: both sides then step with torch's AdamW.
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -20,14 +19,6 @@ from .test_top_model import _loaded, _tokens
 
 RANK = 4
 CHUNK = 16
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def _pairs(theirs, ours: LoRAAdapters):

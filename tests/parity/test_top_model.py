@@ -31,14 +31,6 @@ from .models import top_config, top_module, top_state_dict
 from .official import assert_close
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)  # a float sum split over more threads rounds differently
-    yield
-    torch.set_num_threads(saved)
-
-
 def _random_official(seed: int = 1):
     mod = top_module()
     ref = mod.GPT(mod.args)

@@ -29,14 +29,6 @@ from .test_optimizer import GRAD_STDS, LR_SCALES, ROLE_TO_OFFICIAL, STEPS, _sett
 from .training import bf16_as_fp32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.fixture
 def top(monkeypatch):
     """(module, record model with random weights, its optimizers by name, pgolf's twin model)."""
