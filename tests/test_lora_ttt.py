@@ -145,7 +145,7 @@ def test_training_on_an_unscored_chunk_raises():
     # A document may be trained from its BOS before the previous one's last target (that BOS)
     # is scored: the partition is given; any other start still needs its input scored.
     ledger.record(230, 260)
-    assert ledger.release(230, 260)[0] == BOS_ID
+    assert ledger.release(230, 260).tokens[0] == BOS_ID
     plain = ScoredLedger(tokens)
     plain.record(230, 260)
     with pytest.raises(LedgerViolation):

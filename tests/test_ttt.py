@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import ast
 import copy
 import functools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+import pgolf
 from pgolf.data.tokenizer import BOS_ID
 from pgolf.dist import World
 from pgolf.eval.budget import EvalClock
 from pgolf.eval.config import EvalConfig
-from pgolf.eval.ledger import LedgerViolation, ScoredLedger
-from pgolf.eval.prequant import IllegalEvaluationError, prequant_ttt
+from pgolf.eval.ledger import LedgerViolation, ScoredLedger, ScoredTokens
+from pgolf.eval.prequant import prequant_ttt
 from pgolf.eval.scorer import DocumentSums
 from pgolf.eval.ttt import (
+    ChunkTrainer,
+    IllegalEvaluationError,
     block_lr_multiplier,
     chunk_lr,
     scale_grads_by_snr_,
@@ -27,6 +32,8 @@ from pgolf.eval.ttt import (
     snr_group_key,
     step_lr_factor,
     step_plan,
+    ttt_optimizer,
+    ttt_params,
 )
 from pgolf.eval.windows import build_tiling, document_starts
 from pgolf.model.config import ModelConfig
@@ -136,7 +143,7 @@ def test_the_ledger_refuses_unscored_and_twice_scored_targets():
     tokens = np.arange(101) % 1000
     ledger = ScoredLedger(tokens)
     ledger.record(0, 40)
-    assert ledger.release(0, 40).tolist() == list(range(41))
+    assert ledger.release(0, 40).tokens.tolist() == list(range(41))
     with pytest.raises(LedgerViolation, match="target 40, not yet scored"):
         ledger.release(30, 41)
     with pytest.raises(LedgerViolation, match="target 39 scored a second time"):
@@ -145,6 +152,57 @@ def test_the_ledger_refuses_unscored_and_twice_scored_targets():
     with pytest.raises(LedgerViolation, match="target 49, not yet scored"):
         ledger.release(50, 60)  # input token 50 is target 49, still unseen
     assert ledger.count == 50 and ledger.is_scored(50, 60) and not ledger.is_scored(0, 41)
+
+
+def test_the_chunk_trainer_takes_only_tokens_the_ledger_released():
+    model = tiny_model()
+    cfg = EvalConfig(ttt_enabled=True, ttt_epochs=1, ttt_lr=0.05)
+    named = ttt_params(model, cfg)
+    trainer = ChunkTrainer(model, named, ttt_optimizer(model, named, cfg), cfg, CPU_WORLD, 64)
+    tokens = stream_tokens(2 * CHUNK + 1)
+    ledger = ScoredLedger(tokens)
+    ledger.record(0, CHUNK)
+    start = [p.detach().clone() for _, p in named]
+    with pytest.raises(LedgerViolation, match="ndarray, not tokens the ledger released"):
+        trainer.train(tokens[: CHUNK + 1], lr=0.05)  # the very tokens scored, but not released
+    with pytest.raises(LedgerViolation, match=f"target {CHUNK}, not yet scored"):
+        trainer.train(ledger.release(CHUNK // 2, CHUNK + 1), lr=0.05)
+    with pytest.raises(LedgerViolation, match="only from ScoredLedger.release"):
+        ScoredTokens(tokens[: CHUNK + 1], object())
+    released = ledger.release(0, CHUNK)
+    with pytest.raises(ValueError, match="read-only"):
+        released.tokens[-1] = 7  # no planting a token into a released span either
+    assert all(torch.equal(p, s) for (_, p), s in zip(named, start, strict=True))
+    assert trainer.train(released, lr=0.05) == 1  # 8 sequences of 64, one batch
+    assert not all(torch.equal(p, s) for (_, p), s in zip(named, start, strict=True))
+
+
+def test_only_the_prequant_module_opens_the_illegal_door():
+    """Raw tokens reach a TTT step only through the illegal door, which only pre-quant TTT uses."""
+    root = Path(pgolf.__file__).parent
+    users: dict[str, set[str]] = {}
+    for path in root.rglob("*.py"):
+        module = ".".join(path.relative_to(root.parent).with_suffix("").parts)
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [getattr(node, "id", None), getattr(node, "attr", None)]
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                names += [alias.name for alias in node.names]
+            for name in ("train_step_on_unscored_tokens_illegal", "_step_on_raw_tokens"):
+                if name in names:
+                    users.setdefault(name, set()).add(module)
+    assert users == {
+        "train_step_on_unscored_tokens_illegal": {"pgolf.eval.prequant"},
+        "_step_on_raw_tokens": {"pgolf.eval.ttt"},
+    }
+    ttt_source = ast.parse((root / "eval" / "ttt.py").read_text())
+    callers = {
+        fn.name
+        for fn in ast.walk(ttt_source)
+        if isinstance(fn, ast.FunctionDef)
+        for node in ast.walk(fn)
+        if isinstance(node, ast.Name) and node.id == "_step_on_raw_tokens"
+    }
+    assert callers == {"train_step", "train_step_on_unscored_tokens_illegal"}
 
 
 def test_the_model_is_restored_and_frozen_blocks_never_move():

@@ -3,8 +3,10 @@
 SPEC §1.4 allows test-time training only on validation tokens that have already been scored, and
 each token must be scored exactly once. Rather than trusting loop order, the ledger records every
 scored target index and is the only way training code obtains tokens: `release(lo, hi)` returns
-the tokens needed to train on targets [lo, hi) and raises `LedgerViolation` if any of them (or the
-input token before them) has not been scored yet. `record` raises if a target is scored twice.
+the tokens needed to train on targets [lo, hi) as `ScoredTokens`, and raises `LedgerViolation` if
+any of them (or the input token before them) has not been scored yet. `record` raises if a target
+is scored twice. The legal trainers (`pgolf.eval.ttt`) accept nothing but `ScoredTokens`, which
+only this module can make, so the type itself carries the proof that the tokens were scored.
 
 Document-level evaluation (per-document windows, per-document LoRA TTT) is given the document
 partition up front, as `windows.document_starts` computes it from the BOS positions: the BOS that
@@ -22,6 +24,53 @@ from pgolf.dist import World
 
 class LedgerViolation(RuntimeError):
     """An evaluation broke score-first or score-once: a bug, never a user error."""
+
+
+# Held only by this module: a `ScoredTokens` is made by a ledger's release, or from other ones.
+_MINT = object()
+
+
+class ScoredTokens:
+    """Validation tokens released for training: every target among them has been scored.
+
+    Slicing keeps that true (a sub-span's targets are a subset), and so does joining spans: the
+    token a join makes a target was itself scored as one, or opens a document, before its span
+    was released. The array is read-only, so no trainer can plant a token into it.
+    """
+
+    __slots__ = ("_tokens",)
+
+    def __init__(self, tokens: np.ndarray, mint: object = None):
+        if mint is not _MINT:
+            raise LedgerViolation("ScoredTokens come only from ScoredLedger.release")
+        tokens.setflags(write=False)
+        self._tokens = tokens
+
+    @property
+    def tokens(self) -> np.ndarray:
+        return self._tokens
+
+    @property
+    def num_targets(self) -> int:
+        return max(len(self._tokens) - 1, 0)
+
+    def __getitem__(self, span: slice) -> ScoredTokens:
+        if not isinstance(span, slice) or span.step not in (None, 1):
+            raise TypeError("ScoredTokens take a contiguous slice; read .tokens for values")
+        return ScoredTokens(self._tokens[span], _MINT)
+
+    @staticmethod
+    def concat(parts: list[ScoredTokens]) -> ScoredTokens:
+        return ScoredTokens(np.concatenate([require_scored(p).tokens for p in parts]), _MINT)
+
+
+def require_scored(data: object) -> ScoredTokens:
+    """`data` itself if the ledger released it; anything else is a bug that could train unscored."""
+    if not isinstance(data, ScoredTokens):
+        raise LedgerViolation(
+            f"training was handed {type(data).__name__}, not tokens the ledger released"
+        )
+    return data
 
 
 class ScoredLedger:
@@ -73,7 +122,7 @@ class ScoredLedger:
     def count(self) -> int:
         return int(self._scored.sum())
 
-    def release(self, lo: int, hi: int) -> np.ndarray:
+    def release(self, lo: int, hi: int) -> ScoredTokens:
         """Tokens lo … hi (hi − lo + 1 of them) for training on targets [lo, hi), if all scored.
 
         Input token lo is itself target lo − 1 (unless lo = 0), so it must have been scored too,
@@ -87,4 +136,4 @@ class ScoredLedger:
             raise LedgerViolation(
                 f"training on targets [{lo}, {hi}) would use target {first}, not yet scored"
             )
-        return np.asarray(self._tokens[lo : hi + 1], dtype=np.int64)
+        return ScoredTokens(np.asarray(self._tokens[lo : hi + 1], dtype=np.int64), _MINT)

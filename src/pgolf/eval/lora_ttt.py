@@ -37,18 +37,19 @@ from pgolf.dist import World
 from pgolf.eval.bpb import BpbSums, SidecarBytes, TorchByteTables
 from pgolf.eval.budget import EvalClock
 from pgolf.eval.config import EvalConfig
-from pgolf.eval.ledger import LedgerViolation, ScoredLedger
+from pgolf.eval.ledger import LedgerViolation, ScoredLedger, ScoredTokens
 from pgolf.eval.score import autocast_context
 from pgolf.eval.scorer import DocumentSums, all_reduce_tensor, sums_from_tensor
 from pgolf.eval.ttt import (
-    build_optimizer,
     chunk_lr,
     cut_sequences,
-    num_blocks,
     only_these_trainable,
-    select_ttt_params,
+    set_group_lrs,
     step_plan,
     train_step,
+    ttt_optimizer,
+    ttt_params,
+    weights_restored,
 )
 from pgolf.eval.windows import document_starts
 from pgolf.model.lora import LoRAAdapters, parse_targets
@@ -195,7 +196,7 @@ def _score_and_train_batch(
         offset = int(scored_from[picked[0]]) - first  # the same for every non-final chunk
         targets = []
         for r in picked.tolist():
-            released = stream.ledger.release(int(s[r] + win[r]), int(s[r] + chunk_hi[r]))
+            released = stream.ledger.release(int(s[r] + win[r]), int(s[r] + chunk_hi[r])).tokens
             if not np.array_equal(released[:-1], x[r, : width[r]]):
                 raise LedgerViolation("the trained forward read tokens the ledger did not release")
             targets.append(released[1 + scored_from[r] :])
@@ -227,26 +228,17 @@ def _global_phase(
     next piece starts with that same token, it is dropped, so each scored target is trained on
     once and none is made up. Returns what the phase did.
     """
-    pieces: list[np.ndarray] = []
+    pieces: list[ScoredTokens] = []
     for d in docs.tolist():
         lo = int(stream.starts[d])
         part = stream.ledger.release(lo, lo + int(stream.lengths[d]))
-        if pieces and pieces[-1][-1] == part[0]:
+        if pieces and pieces[-1].tokens[-1] == part.tokens[0]:
             part = part[1:]
         pieces.append(part)
-    data = np.concatenate(pieces)
-    n = len(data) - 1
+    data = ScoredTokens.concat(pieces)
+    n = data.num_targets
     num_chunks = -(-n // cfg.ttt_chunk_tokens)
-    optimizer = build_optimizer(
-        named,
-        kind=cfg.ttt_optimizer,
-        lr=cfg.ttt_lr,
-        momentum=cfg.ttt_momentum,
-        betas=(cfg.ttt_beta1, cfg.ttt_beta2),
-        weight_decay=cfg.ttt_weight_decay,
-        block_lr_start=cfg.ttt_block_lr_start,
-        blocks=num_blocks(model),
-    )
+    optimizer = ttt_optimizer(model, named, cfg)
     steps = 0
     with only_these_trainable(model, named):
         for k in range(num_chunks):
@@ -256,8 +248,7 @@ def _global_phase(
             plan = step_plan([length for _, length in seqs], world, cfg.ttt_batch_seqs)
             for _ in range(cfg.ttt_epochs):
                 for mine, global_targets in plan:
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr * group["lr_mult"]
+                    set_group_lrs(optimizer, lr)
                     train_step(
                         model,
                         named,
@@ -320,14 +311,7 @@ def phased_lora_ttt(
     cuts = [0, *(p + 1 for p in points), len(batches)]
     segments = list(zip(cuts[:-1], cuts[1:], strict=True))
     targets = parse_targets(cfg.ttt_lora_targets)
-    named = select_ttt_params(
-        model,
-        freeze_blocks=cfg.ttt_freeze_blocks,
-        train_last_blocks=cfg.ttt_train_last_blocks,
-        freeze_embeddings=cfg.ttt_freeze_embeddings,
-        freeze_prefixes=cfg.ttt_freeze_prefixes,
-        also_train=cfg.ttt_also_train,
-    )
+    named = ttt_params(model, cfg)
     result = LoraTTTResult(
         sums=BpbSums(),
         ledger=ledger,
@@ -337,12 +321,12 @@ def phased_lora_ttt(
     )
     # nats, bytes, targets, chunks scored, chunks trained: this rank's, all-reduced at the end
     acc = torch.zeros(5, dtype=torch.float64, device=world.device)
-    saved = [p.detach().clone() for p in model.parameters()] if restore else []
     was_training = model.training
     bar = progress_bar(total=len(batches), desc="eval lora ttt", enabled=progress and world.is_main)
     model.eval()
     try:
-        with only_these_trainable(model, []):
+        everything = list(model.parameters())
+        with weights_restored(everything, restore), only_these_trainable(model, []):
             for lo, hi in segments:
                 if lo == hi:
                     continue
@@ -381,10 +365,6 @@ def phased_lora_ttt(
     finally:
         bar.close()
         model.train(was_training)
-        if restore:
-            with torch.no_grad():
-                for p, s in zip(model.parameters(), saved, strict=True):
-                    p.copy_(s)
     all_reduce_tensor(acc, world)
     result.sums = sums_from_tensor(acc[:3])
     result.chunks_scored, result.chunks_trained = (int(v) for v in acc[3:].tolist())

@@ -5,7 +5,8 @@ and scoring, i.e. it trains on tokens before they are scored, which the README r
 condition 3 of SPEC §1.4 forbid (PR #1376 closed, issue #677, PR #1972 audit). It exists only to
 reproduce that seed for research: it refuses to run unless called with `allow_illegal=True`, and
 returns a compliance record saying `score_first: False` and why. It deliberately bypasses the
-scored-target ledger; nothing in the legal evaluation path calls it.
+scored-target ledger, through the one door `pgolf.eval.ttt` has for that,
+`train_step_on_unscored_tokens_illegal`; nothing in the legal evaluation path calls either.
 
 What it does (P1351): AdamW, all validation tokens cut into T-token sequences split over ranks,
 `batch_seqs` per rank per step, gradients averaged, clipped, per-epoch cosine from lr to
@@ -24,16 +25,16 @@ import numpy as np
 import torch
 
 from pgolf.dist import World
-from pgolf.errors import PgolfError
 from pgolf.eval.config import EvalConfig, validate_eval_config
 from pgolf.eval.ttt import (
     build_optimizer,
     cut_sequences,
     num_blocks,
     only_these_trainable,
+    refuse_unless_illegal_allowed,
     select_ttt_params,
     step_plan,
-    train_step,
+    train_step_on_unscored_tokens_illegal,
 )
 from pgolf.progress import progress_bar
 
@@ -41,10 +42,6 @@ ILLEGAL_REASON = (
     "pre-quant TTT trains on every validation token before that token is scored (SPEC §1.4 "
     "condition 3, §5.30; PR #1376 closed, issue #677, PR #1972 audit)"
 )
-
-
-class IllegalEvaluationError(PgolfError):
-    """A ruled-illegal evaluation technique was requested without the research flag."""
 
 
 def prequant_ttt(
@@ -62,10 +59,7 @@ def prequant_ttt(
     Raises `IllegalEvaluationError` unless `allow_illegal`. The model is modified in place: that is
     the point of the technique.
     """
-    if not allow_illegal:
-        raise IllegalEvaluationError(
-            f"{ILLEGAL_REASON}; it runs only with allow_illegal=True (pgolf run --allow-illegal)"
-        )
+    refuse_unless_illegal_allowed(allow_illegal, ILLEGAL_REASON)
     validate_eval_config(cfg)
     t0 = time.perf_counter()
     tokens = np.asarray(tokens, dtype=np.int64)
@@ -100,7 +94,7 @@ def prequant_ttt(
                 for group in optimizer.param_groups:
                     group["lr"] = min_lr + (lr * group["lr_mult"] - min_lr) * cos
                 for mine, global_targets in plan:
-                    train_step(
+                    train_step_on_unscored_tokens_illegal(
                         model,
                         named,
                         optimizer,
@@ -109,6 +103,7 @@ def prequant_ttt(
                         global_targets,
                         world,
                         grad_clip=cfg.prequant_ttt_grad_clip,
+                        allow_illegal=allow_illegal,
                     )
                     steps += 1
                     bar.update(1)

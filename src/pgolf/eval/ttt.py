@@ -3,8 +3,11 @@
 The stream's windows are grouped into chunks of C target positions (a window belongs to the chunk
 of its first scored target). For each chunk in order: score all its windows with no gradient, add
 them to the reported sums s_0, then train on exactly the targets just scored, for E epochs, unless
-it is the last chunk. Training obtains tokens only from the `ScoredLedger`, so an update on an
-unscored token cannot happen silently: it raises. The reported score is s_0; nothing is rescored.
+it is the last chunk. The chunk trainer and `train_step` take only the `ScoredTokens` that the
+`ScoredLedger` releases, so an update on an unscored token cannot happen silently: it raises. The
+reported score is s_0; nothing is rescored. P1351's illegal pre-quant TTT trains on tokens no
+ledger has scored through its own door, `train_step_on_unscored_tokens_illegal`, which refuses to
+run unless the run allows illegal settings.
 
 Seed options (SPEC §9.6): which parameters adapt (frozen first blocks, only the last blocks,
 frozen tables by name prefix, embeddings by role, names that always adapt), SGD with persistent
@@ -27,10 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from pgolf.dist import World
+from pgolf.errors import PgolfError
 from pgolf.eval.bpb import BpbSums, TorchByteTables
 from pgolf.eval.budget import EvalClock
 from pgolf.eval.config import EvalConfig
-from pgolf.eval.ledger import ScoredLedger
+from pgolf.eval.ledger import ScoredLedger, ScoredTokens, require_scored
 from pgolf.eval.score import autocast_context, rank_window_range
 from pgolf.eval.scorer import (
     DocumentSums,
@@ -109,6 +113,45 @@ def select_ttt_params(
     return chosen
 
 
+def ttt_params(model: nn.Module, cfg: EvalConfig) -> list[tuple[str, nn.Parameter]]:
+    """The parameters `cfg`'s TTT adapts: every chunk of score-first TTT, LoRA's global phases."""
+    return select_ttt_params(
+        model,
+        freeze_blocks=cfg.ttt_freeze_blocks,
+        train_last_blocks=cfg.ttt_train_last_blocks,
+        freeze_embeddings=cfg.ttt_freeze_embeddings,
+        freeze_prefixes=cfg.ttt_freeze_prefixes,
+        also_train=cfg.ttt_also_train,
+    )
+
+
+@contextlib.contextmanager
+def only_these_trainable(model: nn.Module, named: list[tuple[str, nn.Parameter]]):
+    """Freeze every other parameter (no gradient is even computed); restore the flags after."""
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    chosen = {id(p) for _, p in named}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in chosen)
+    try:
+        yield
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])
+
+
+@contextlib.contextmanager
+def weights_restored(params: list[nn.Parameter], enabled: bool = True):
+    """Put `params` back as they came on the way out, when `enabled`: TTT's result is s_0."""
+    saved = [p.detach().clone() for p in params] if enabled else []
+    try:
+        yield
+    finally:
+        if enabled:
+            with torch.no_grad():
+                for p, s in zip(params, saved, strict=True):
+                    p.copy_(s)
+
+
 def block_lr_multiplier(name: str, blocks: int, start: float) -> float:
     """Linear from `start` on block 0 to 1.0 on the last block; 1.0 outside the blocks."""
     b = block_index(name)
@@ -140,6 +183,22 @@ def build_optimizer(
     raise ValueError(f"unknown TTT optimizer {kind!r}; expected 'sgd' or 'adamw'")
 
 
+def ttt_optimizer(
+    model: nn.Module, named: list[tuple[str, nn.Parameter]], cfg: EvalConfig
+) -> torch.optim.Optimizer:
+    """`build_optimizer` with `cfg`'s TTT settings, over `named` (parameters of `model`)."""
+    return build_optimizer(
+        named,
+        kind=cfg.ttt_optimizer,
+        lr=cfg.ttt_lr,
+        momentum=cfg.ttt_momentum,
+        betas=(cfg.ttt_beta1, cfg.ttt_beta2),
+        weight_decay=cfg.ttt_weight_decay,
+        block_lr_start=cfg.ttt_block_lr_start,
+        blocks=num_blocks(model),
+    )
+
+
 # -- learning-rate schedules -----------------------------------------------------------------
 def chunk_lr(base_lr: float, chunk: int, schedule_chunks: int, schedule: str) -> float:
     """LR of chunk k: cosine from base_lr at chunk 0 to 0 at chunk K − 1 (SPEC §5.29c)."""
@@ -154,6 +213,12 @@ def step_lr_factor(step: int, steps: int, floor: float, schedule: str) -> float:
     if schedule != "double_cosine" or steps <= 1:
         return 1.0
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * step / (steps - 1)))
+
+
+def set_group_lrs(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every param group at `lr` times its own block multiplier."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_mult"]
 
 
 # -- P639's EB-TTT / Born-rule SNR² gradient scaling (SPEC §9.1) ------------------------------
@@ -241,7 +306,7 @@ def step_plan(lengths: list[int], world: World, batch_seqs: int) -> list[tuple[r
     return plan
 
 
-def train_step(
+def _step_on_raw_tokens(
     model: nn.Module,
     named: list[tuple[str, nn.Parameter]],
     optimizer: torch.optim.Optimizer,
@@ -255,6 +320,9 @@ def train_step(
     snr_clamp: tuple[float, float] = (0.3, 3.0),
 ) -> float:
     """One step on `pieces` of `tokens` (inputs tokens[a:a+L], targets shifted by one).
+
+    It takes raw tokens, so it is reached only through the two doors below: `train_step`, which
+    unwraps tokens the ledger released, and the illegal one, which refuses unless allowed.
 
     Each rank divides its summed loss by the step's *global* target count before the gradient
     all-reduce (SUM), so the update is the mean over the whole step however the pieces are split.
@@ -297,18 +365,111 @@ def train_step(
     return loss_total
 
 
-@contextlib.contextmanager
-def only_these_trainable(model: nn.Module, named: list[tuple[str, nn.Parameter]]):
-    """Freeze every other parameter (no gradient is even computed); restore the flags after."""
-    flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    chosen = {id(p) for _, p in named}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in chosen)
-    try:
-        yield
-    finally:
-        for name, p in model.named_parameters():
-            p.requires_grad_(flags[name])
+def train_step(
+    model: nn.Module,
+    named: list[tuple[str, nn.Parameter]],
+    optimizer: torch.optim.Optimizer,
+    data: ScoredTokens,
+    pieces: list[tuple[int, int]],
+    global_targets: int,
+    world: World,
+    *,
+    grad_clip: float,
+    snr: str = "",
+    snr_clamp: tuple[float, float] = (0.3, 3.0),
+) -> float:
+    """One step on `pieces` of tokens the ledger released; anything else raises LedgerViolation."""
+    tokens = require_scored(data).tokens
+    return _step_on_raw_tokens(
+        model,
+        named,
+        optimizer,
+        tokens,
+        pieces,
+        global_targets,
+        world,
+        grad_clip=grad_clip,
+        snr=snr,
+        snr_clamp=snr_clamp,
+    )
+
+
+class IllegalEvaluationError(PgolfError):
+    """A ruled-illegal evaluation technique was requested without the research flag."""
+
+
+def refuse_unless_illegal_allowed(allow_illegal: bool, reason: str) -> None:
+    """Raise `IllegalEvaluationError` saying `reason`, unless the run allows illegal settings."""
+    if not allow_illegal:
+        raise IllegalEvaluationError(
+            f"{reason}; it runs only with allow_illegal=True (pgolf run --allow-illegal)"
+        )
+
+
+def train_step_on_unscored_tokens_illegal(
+    model: nn.Module,
+    named: list[tuple[str, nn.Parameter]],
+    optimizer: torch.optim.Optimizer,
+    tokens: np.ndarray,
+    pieces: list[tuple[int, int]],
+    global_targets: int,
+    world: World,
+    *,
+    grad_clip: float,
+    allow_illegal: bool,
+) -> float:
+    """`train_step` on raw validation tokens no ledger has scored: ILLEGAL (SPEC §1.4, §5.30).
+
+    The one door for P1351's pre-quant TTT (`pgolf.eval.prequant`, its only caller, which a test
+    holds to); it refuses unless the run allows illegal settings.
+    """
+    refuse_unless_illegal_allowed(
+        allow_illegal, "training on validation tokens before they are scored breaks SPEC §1.4"
+    )
+    return _step_on_raw_tokens(
+        model, named, optimizer, tokens, pieces, global_targets, world, grad_clip=grad_clip
+    )
+
+
+# -- the chunk trainer -----------------------------------------------------------------------
+@dataclass
+class ChunkTrainer:
+    """§5.29's training on one chunk: E epochs over tokens the ledger released, nothing else."""
+
+    model: nn.Module  # the forward to train through (maybe compiled); `named` are its parameters
+    named: list[tuple[str, nn.Parameter]]
+    optimizer: torch.optim.Optimizer
+    cfg: EvalConfig
+    world: World
+    seq_len: int
+
+    def train(self, chunk: ScoredTokens, lr: float) -> int:
+        """Every target of `chunk`, E epochs, at chunk LR `lr`; returns the step count."""
+        cfg = self.cfg
+        chunk = require_scored(chunk)
+        pieces = cut_sequences(chunk.num_targets, self.seq_len)
+        plan = step_plan([length for _, length in pieces], self.world, cfg.ttt_batch_seqs)
+        snr = ("born" if cfg.ttt_snr_born else "snr") if cfg.ttt_snr_scaling else ""
+        steps = cfg.ttt_epochs * len(plan)
+        step = 0
+        for _ in range(cfg.ttt_epochs):
+            for mine, global_targets in plan:
+                factor = step_lr_factor(step, steps, cfg.ttt_lr_floor, cfg.ttt_lr_schedule)
+                set_group_lrs(self.optimizer, lr * factor)
+                train_step(
+                    self.model,
+                    self.named,
+                    self.optimizer,
+                    chunk,
+                    [pieces[i] for i in mine],
+                    global_targets,
+                    self.world,
+                    grad_clip=cfg.ttt_grad_clip,
+                    snr=snr,
+                    snr_clamp=(cfg.ttt_snr_clamp_min, cfg.ttt_snr_clamp_max),
+                )
+                step += 1
+        return step
 
 
 # -- the score-first loop --------------------------------------------------------------------
@@ -385,20 +546,11 @@ def score_first_ttt(
     The model's weights are put back as they came when `restore` (the adapted weights are of no
     further use: s_0 is the result), and requires_grad flags always are.
     """
-    seq_len = cfg.ttt_seq_len or tiling.seq_len
     num_chunks, bounds = _chunk_bounds(tiling, cfg.ttt_chunk_tokens)
     processed = min(num_chunks, cfg.ttt_max_chunks) if cfg.ttt_max_chunks > 0 else num_chunks
     schedule_chunks = cfg.ttt_train_chunks if cfg.ttt_train_chunks > 0 else num_chunks
-    named = select_ttt_params(
-        model,
-        freeze_blocks=cfg.ttt_freeze_blocks,
-        train_last_blocks=cfg.ttt_train_last_blocks,
-        freeze_embeddings=cfg.ttt_freeze_embeddings,
-        freeze_prefixes=cfg.ttt_freeze_prefixes,
-        also_train=cfg.ttt_also_train,
-    )
+    named = ttt_params(model, cfg)
     params = [p for _, p in named]
-    snr = ("born" if cfg.ttt_snr_born else "snr") if cfg.ttt_snr_scaling else ""
     ledger = ScoredLedger(tokens)
     # Scoring and training call this; parameters, flags and restores go through `model`.
     runner = scoring_model(model, cfg.compile, world.device)
@@ -421,22 +573,14 @@ def score_first_ttt(
         ledger=ledger,
     )
     table = torch.zeros(max(processed, 1), 3, dtype=torch.float64, device=world.device)
-    saved = [p.detach().clone() for p in params] if restore else []
     bar = progress_bar(total=processed, desc="eval ttt", enabled=progress and world.is_main)
     was_training = model.training
-    with only_these_trainable(model, named):
-        optimizer = None
+    with weights_restored(params, restore), only_these_trainable(model, named):
+        trainer = None
         if params:
-            optimizer = build_optimizer(
-                named,
-                kind=cfg.ttt_optimizer,
-                lr=cfg.ttt_lr,
-                momentum=cfg.ttt_momentum,
-                betas=(cfg.ttt_beta1, cfg.ttt_beta2),
-                weight_decay=cfg.ttt_weight_decay,
-                block_lr_start=cfg.ttt_block_lr_start,
-                blocks=num_blocks(model),
-            )
+            optimizer = ttt_optimizer(model, named, cfg)
+            seq_len = cfg.ttt_seq_len or tiling.seq_len
+            trainer = ChunkTrainer(runner, named, optimizer, cfg, world, seq_len)
         ema = WeightEMA(params, cfg.ttt_ema_decay) if cfg.ttt_ema_decay > 0 and params else None
         try:
             for k in range(processed):
@@ -447,46 +591,21 @@ def score_first_ttt(
                 record = ChunkRecord(index=k, lo=lo, hi=hi, windows=w1 - w0)
                 before = dict(clock.laps)
                 with clock.lap("score"):
-                    weights = ema.swapped_in() if ema is not None else contextlib.nullcontext()
-                    with weights:
-                        acc, _ = scorer.score_range(w0, w1, ledger)
-                    ledger.merge_ranks(lo, hi, world)
+                    acc = _score_chunk(scorer, ledger, world, ema, (w0, w1), record)
                 table[k] = acc
-                train = (
-                    optimizer is not None
-                    and cfg.ttt_epochs > 0
-                    # The last-chunk guard of §5.29; with max_chunks nothing is scored after
-                    # the last processed chunk either, so training on it would be wasted.
-                    and k < processed - 1
-                    and (cfg.ttt_train_chunks <= 0 or k < cfg.ttt_train_chunks)
-                )
-                if train:
+                if trainer is not None and _trains_on(k, processed, cfg):
                     with clock.lap("ttt_train"):
-                        record.lr = chunk_lr(cfg.ttt_lr, k, schedule_chunks, cfg.ttt_lr_schedule)
-                        span = (lo, hi, seq_len)
-                        record.steps = _train_chunk(
-                            runner, named, optimizer, ledger, span, record.lr, cfg, world, snr
-                        )
-                        record.trained = True
-                        if ema is not None:
-                            ema.update()
+                        _train_on_chunk(trainer, ledger, ema, record, schedule_chunks)
                 record.score_s = clock.laps["score"] - before.get("score", 0.0)
                 record.train_s = clock.laps.get("ttt_train", 0.0) - before.get("ttt_train", 0.0)
                 result.chunks.append(record)
-                bar.update(1)
-                if not bar.disable:
-                    nats, nbytes, _ = table[: k + 1].sum(0).tolist()
-                    bar.set_postfix(bpb=f"{nats / (math.log(2) * nbytes):.4f}" if nbytes else "-")
+                _show_progress(bar, table, k)
                 if clock.should_stop():
                     result.stopped_by_cap = True
                     break
         finally:
             bar.close()
             model.train(was_training)
-            if restore:
-                with torch.no_grad():
-                    for p, s in zip(params, saved, strict=True):
-                        p.copy_(s)
     all_reduce_tensor(table, world)
     for record in result.chunks:
         record.nats, record.bytes, record.tokens = table[record.index].tolist()
@@ -494,40 +613,51 @@ def score_first_ttt(
     return result
 
 
-def _train_chunk(
-    model: nn.Module,
-    named: list[tuple[str, nn.Parameter]],
-    optimizer: torch.optim.Optimizer,
+def _score_chunk(
+    scorer: WindowScorer,
     ledger: ScoredLedger,
-    span: tuple[int, int, int],
-    lr: float,
-    cfg: EvalConfig,
     world: World,
-    snr: str,
-) -> int:
-    """E epochs on the targets [lo, hi) that this chunk just scored; returns the step count."""
-    lo, hi, seq_len = span
-    tokens = ledger.release(lo, hi)  # the only way training sees validation tokens
-    pieces = cut_sequences(hi - lo, seq_len)
-    plan = step_plan([length for _, length in pieces], world, cfg.ttt_batch_seqs)
-    steps = cfg.ttt_epochs * len(plan)
-    step = 0
-    for _ in range(cfg.ttt_epochs):
-        for mine, global_targets in plan:
-            factor = step_lr_factor(step, steps, cfg.ttt_lr_floor, cfg.ttt_lr_schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * factor * group["lr_mult"]
-            train_step(
-                model,
-                named,
-                optimizer,
-                tokens,
-                [pieces[i] for i in mine],
-                global_targets,
-                world,
-                grad_clip=cfg.ttt_grad_clip,
-                snr=snr,
-                snr_clamp=(cfg.ttt_snr_clamp_min, cfg.ttt_snr_clamp_max),
-            )
-            step += 1
-    return step
+    ema: WeightEMA | None,
+    windows: tuple[int, int],
+    record: ChunkRecord,
+) -> torch.Tensor:
+    """Score `windows` (with the EMA weights if any) into the ledger, merged over ranks."""
+    weights = ema.swapped_in() if ema is not None else contextlib.nullcontext()
+    with weights:
+        acc, _ = scorer.score_range(*windows, ledger)
+    ledger.merge_ranks(record.lo, record.hi, world)
+    return acc
+
+
+def _trains_on(k: int, processed: int, cfg: EvalConfig) -> bool:
+    """Whether chunk k is trained on once scored."""
+    return (
+        cfg.ttt_epochs > 0
+        # The last-chunk guard of §5.29; with max_chunks nothing is scored after the last
+        # processed chunk either, so training on it would be wasted.
+        and k < processed - 1
+        and (cfg.ttt_train_chunks <= 0 or k < cfg.ttt_train_chunks)
+    )
+
+
+def _train_on_chunk(
+    trainer: ChunkTrainer,
+    ledger: ScoredLedger,
+    ema: WeightEMA | None,
+    record: ChunkRecord,
+    schedule_chunks: int,
+) -> None:
+    """Train on the targets the chunk just scored, as the ledger releases them; then the EMA."""
+    cfg = trainer.cfg
+    record.lr = chunk_lr(cfg.ttt_lr, record.index, schedule_chunks, cfg.ttt_lr_schedule)
+    record.steps = trainer.train(ledger.release(record.lo, record.hi), record.lr)
+    record.trained = True
+    if ema is not None:
+        ema.update()
+
+
+def _show_progress(bar, table: torch.Tensor, k: int) -> None:
+    bar.update(1)
+    if not bar.disable:
+        nats, nbytes, _ = table[: k + 1].sum(0).tolist()
+        bar.set_postfix(bpb=f"{nats / (math.log(2) * nbytes):.4f}" if nbytes else "-")
