@@ -9,6 +9,11 @@ wall-clock cap. Data: the FineWeb sample tokenized with the official sp1024 toke
     python benchmarks/reproduce_seeds.py [--work DIR] [--steps 200] [--seeds 1337,1338]
         [--only baseline,seed-p639] [--table] [--report]
 
+`--frontier` is the comparison of the frontier preset with the two it builds on (`top`, `pr1413`,
+`pr1019`): all three on CaseOps SP8192 shards of the same documents (BPB on the original bytes,
+from the byte sidecar), 8 layers so that the loops and the parallel lanes keep their places, and
+the validation stream cut to `--max-val-tokens` so that per-document LoRA TTT fits a CPU.
+
 Each (preset, seed) runs the `pgolf run` pipeline (pgolf.run.run_pipeline) in its own process (so a
 crash or an out-of-memory kill loses one run, not the sweep) writing WORK/runs/PRESET_sSEED. On a
 shared 2-core machine set OMP_NUM_THREADS=1: two spinning torch threads per run against other jobs
@@ -39,16 +44,21 @@ from pgolf import rundir
 PRESETS = ("baseline", "seed-p639", "seed-p610", "seed-p1004", "seed-p578")
 SEEDS = (1337, 1338)
 STEPS = 200
+FRONTIER = ("top", "pr1413", "pr1019")
+CASEOPS_TOKENIZER = "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
 
 
-def shrink(preset: str, steps: int, seed: int) -> list[str]:
-    """`--set` overrides for the common CPU shape; head layout kept (GQA 4→2, MHA stays MHA)."""
+def shrink(preset: str, steps: int, seed: int, frontier: dict | None = None) -> list[str]:
+    """`--set` overrides for the common CPU shape; head layout kept (GQA 4→2, MHA stays MHA).
+
+    `frontier` (layers, max_val_tokens) selects the frontier comparison's shape instead.
+    """
     from pgolf.config import load_preset
 
     cfg = load_preset(preset)
     mha = cfg.model.num_kv_heads == cfg.model.num_heads
     sets = {
-        "model.num_layers": 4,
+        "model.num_layers": frontier["layers"] if frontier else 4,
         "model.model_dim": 128,
         "model.num_heads": 4,
         "model.num_kv_heads": 4 if mha else 2,
@@ -69,10 +79,23 @@ def shrink(preset: str, steps: int, seed: int) -> list[str]:
         "eval.ttt_score_baseline": "true",
         "train.train_log_every": 10,  # enough points for `pgolf plot`
     }
+    if frontier:
+        sets |= {
+            "model.vocab_size": 8192,  # every preset on the same CaseOps SP8192 shards
+            "eval.max_val_tokens": frontier["max_val_tokens"],
+            # ~10 TTT chunks in the shortened stream (the records: ~1,200 of 32,768 tokens).
+            "eval.ttt_chunk_tokens": 2048,
+        }
+        if cfg.eval.ttt_mode == "lora":  # the record's 2048-token context and 64-doc batches
+            sets |= {
+                "eval.ttt_lora_context": 256,
+                "eval.ttt_lora_batch_docs": 8,
+                "eval.ttt_prefix_docs": 8,
+            }
     return [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
 
 
-def build_data(work: Path) -> Path:
+def build_data(work: Path, caseops: bool = False) -> Path:
     from pgolf.data.build import build_dataset
     from pgolf.settings import shared_data
 
@@ -86,10 +109,13 @@ def build_data(work: Path) -> Path:
     build_dataset(
         inputs,
         out,
-        tokenizer=shared_data("tokenizers", "fineweb_1024_bpe.model"),
+        tokenizer=shared_data(
+            "tokenizers", CASEOPS_TOKENIZER if caseops else "fineweb_1024_bpe.model"
+        ),
         val_docs=200,
         progress=False,
         overwrite=True,
+        caseops=caseops,
     )
     return out
 
@@ -115,22 +141,24 @@ def result_row(preset: str, seed: int, steps: int, report: dict, wall_s: float |
     }
 
 
-def run_one(work: Path, data: Path, preset: str, seed: int, steps: int) -> dict:
+def run_one(work: Path, preset: str, seed: int, steps: int, shape_args: list[str]) -> dict:
     run_dir = work / "runs" / f"{preset}_s{seed}"
     with claim(work / "locks" / f"{preset}_s{seed}.lock") as mine:
         if (report := rundir.finished_report(run_dir)) is not None:
             return {**result_row(preset, seed, steps, report, None), "skipped": True}
         if not mine:  # another invocation is training it right now
             return {"preset": preset, "seed": seed, "skipped": "running elsewhere"}
-        return train_in_subprocess(work, run_dir, preset, seed, steps)
+        return train_in_subprocess(work, run_dir, preset, seed, steps, shape_args)
 
 
-def train_in_subprocess(work: Path, run_dir: Path, preset: str, seed: int, steps: int) -> dict:
+def train_in_subprocess(
+    work: Path, run_dir: Path, preset: str, seed: int, steps: int, shape_args: list[str]
+) -> dict:
     report_path = run_dir / rundir.REPORT
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a run killed half way: start it again from scratch
     cmd = [sys.executable, __file__, "--work", str(work), "--steps", str(steps)]
-    cmd += ["--one", f"{preset}:{seed}"]
+    cmd += [*shape_args, "--one", f"{preset}:{seed}"]
     t0 = time.perf_counter()
     env = {**os.environ, "PGOLF_DEVICE": "cpu", "PGOLF_QUIET": "1"}
     log = work / "logs" / f"{preset}_s{seed}.log"
@@ -143,13 +171,16 @@ def train_in_subprocess(work: Path, run_dir: Path, preset: str, seed: int, steps
     return result_row(preset, seed, steps, json.loads(report_path.read_text()), wall_s)
 
 
-def train_one(work: Path, data: Path, preset: str, seed: int, steps: int) -> None:
+def train_one(
+    work: Path, data: Path, preset: str, seed: int, steps: int, frontier: dict | None
+) -> None:
     """One run in this process, through the library rather than the CLI (same stages)."""
     from pgolf.config import resolve_config
     from pgolf.dist import init_world, shutdown
     from pgolf.run import run_pipeline
 
-    sets = [a for a in shrink(preset, steps, seed) if a != "--set"] + [f"data.path={data}"]
+    sets = [a for a in shrink(preset, steps, seed, frontier) if a != "--set"]
+    sets.append(f"data.path={data}")
     world = init_world()
     try:
         run_pipeline(work / "runs" / f"{preset}_s{seed}", resolve_config(preset, sets), world)
@@ -203,12 +234,28 @@ def main() -> None:
     parser.add_argument(
         "--report", action="store_true", help="only tabulate finished runs; train nothing"
     )
+    parser.add_argument(
+        "--frontier",
+        action="store_true",
+        help=f"CaseOps SP8192 data and the frontier shape; --only defaults to {','.join(FRONTIER)}",
+    )
+    parser.add_argument("--layers", type=int, default=8, help="with --frontier (default 8)")
+    parser.add_argument(
+        "--max-val-tokens", type=int, default=20000, help="with --frontier (default 20000)"
+    )
     parser.add_argument("--one", metavar="PRESET:SEED", help=argparse.SUPPRESS)  # worker mode
     args = parser.parse_args()
+    frontier = (
+        {"layers": args.layers, "max_val_tokens": args.max_val_tokens} if args.frontier else None
+    )
+    shape_args = ["--layers", str(args.layers), "--max-val-tokens", str(args.max_val_tokens)]
+    shape_args = ["--frontier", *shape_args] if args.frontier else []
     if args.one:
         preset, seed = args.one.rsplit(":", 1)
-        train_one(args.work, args.work / "data", preset, int(seed), args.steps)
+        train_one(args.work, args.work / "data", preset, int(seed), args.steps, frontier)
         return
+    if args.frontier and args.only == ",".join(PRESETS):
+        args.only = ",".join(FRONTIER)
     presets = tuple(args.only.split(","))
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.report:
@@ -225,11 +272,11 @@ def main() -> None:
         print(markdown_table(rows, presets))
         return
     args.work.mkdir(parents=True, exist_ok=True)
-    data = build_data(args.work)
+    build_data(args.work, caseops=args.frontier)
     rows = []
     for seed in seeds:
         for preset in presets:
-            row = run_one(args.work, data, preset, seed, args.steps)
+            row = run_one(args.work, preset, seed, args.steps, shape_args)
             rows.append(row)
             print(json.dumps(row), flush=True)
             with open(args.work / "results.jsonl", "a") as f:

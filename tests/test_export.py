@@ -229,6 +229,18 @@ def test_the_bundle_follows_the_config():
     assert "pgolf.quant.gptq" not in baseline.modules and "pgolf.quant.gptq" in ttt.modules
     for code in (baseline, ttt):
         assert not set(code.modules) & set(NEVER_BUNDLED)
+        assert "pgolf.observe.sinks" in code.stand_ins  # the script takes no --log
+    # the frontier's techniques ship only where the config switches them on
+    frontier = bundled_code(load_preset("top").to_dict())
+    stack = bundled_code(load_preset("pr1019").to_dict())
+    switched = {
+        "pgolf.eval.lora_ttt",
+        "pgolf.model.lora",
+        "pgolf.quant.lqer",
+        "pgolf.model.doc_mask",
+    }
+    assert switched <= set(frontier.modules) and not switched & set(stack.modules)
+    assert {"pgolf.quant.lqer", "pgolf.model.doc_mask"} <= stack.stand_ins
     # a top-level definition nothing reached calls is left out of a module that is bundled
     assert "pgolf.run" in baseline.modules and "summary_rows" in baseline.kept["pgolf.run"]
     assert "evaluation_rows" not in baseline.kept["pgolf.run"]  # `pgolf eval`'s table

@@ -144,7 +144,10 @@ def train_stage(
     # Every shard the loader may read, before the clock: a bad one must not surface mid-run.
     check_dataset(files, cfg.data, cfg.model.vocab_size, splits=("train",))
     log = RunLog(
-        run_dir, world.is_main, echo, open_sinks(loggers, run_dir) if world.is_main else ()
+        run_dir,
+        world.is_main,
+        echo,
+        open_sinks(loggers, run_dir) if world.is_main and loggers else (),
     )
     eval_data = EvalData(cfg, files, world.device)
     trainer = Trainer(
@@ -266,7 +269,10 @@ def eval_stage(
     if not artifact.is_file():
         raise PgolfError(f"{artifact}: no artifact; run `pgolf run` or `pgolf quantize` first")
     log = RunLog(
-        run_dir, world.is_main, echo, open_sinks(loggers, run_dir) if world.is_main else ()
+        run_dir,
+        world.is_main,
+        echo,
+        open_sinks(loggers, run_dir) if world.is_main and loggers else (),
     )
     eval_data = EvalData(dataclasses.replace(cfg, eval=ev), eval_files, world.device)
     t0 = time.perf_counter()
@@ -360,7 +366,8 @@ def run_pipeline(
     allow_illegal: bool = False,
     loggers: tuple[str, ...] = (),
 ) -> dict:
-    require_sinks(loggers)  # a missing extra must not leave a half-made run directory behind
+    if loggers:  # a missing extra must not leave a half-made run directory behind
+        require_sinks(loggers)
     created = create_run_dir(run_dir, cfg, world)
     try:
         train_stage(run_dir, world, echo=echo, allow_illegal=allow_illegal, loggers=loggers)

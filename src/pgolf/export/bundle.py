@@ -23,17 +23,27 @@ from collections.abc import Callable
 import pgolf
 from pgolf.export.reach import Reach, minify, reach
 
+
 # Modules only a technique switched off calls: the settings that switch it, and the test over
 # their values that says it is off. The script carries a stand-in for each such module that raises
 # on any use, and refuses an environment override of those settings, so a wrong test fails the run
 # loudly rather than changing it. Only the score-first TTT and the illegal pre-quant TTT run
-# pgolf.eval.ttt; only `quant.codec = "mixed"` runs the GPTQ pipeline; QAT is built only when it
-# can switch on.
+# pgolf.eval.ttt; only `ttt_mode = "lora"` runs the LoRA adapters; only `quant.codec = "mixed"`
+# runs the GPTQ pipeline, and only with `quant.lqer` its low-rank corrections; QAT is built only
+# when it can switch on; document masks only with `model.doc_masked_attention`.
+def _lora_off(ttt: bool, mode: str) -> bool:
+    return not (ttt and mode == "lora")
+
+
 UNUSED_WHEN: dict[str, tuple[tuple[str, ...], Callable[..., bool]]] = {
     "pgolf.eval.ttt": (
         ("eval.ttt_enabled", "eval.prequant_ttt_enabled"),
         lambda ttt, prequant: not (ttt or prequant),
     ),
+    "pgolf.eval.lora_ttt": (("eval.ttt_enabled", "eval.ttt_mode"), _lora_off),
+    "pgolf.model.lora": (("eval.ttt_enabled", "eval.ttt_mode"), _lora_off),
+    "pgolf.quant.lqer": (("quant.lqer",), lambda lqer: not lqer),
+    "pgolf.model.doc_mask": (("model.doc_masked_attention",), lambda masked: not masked),
     "pgolf.eval.prequant": (("eval.prequant_ttt_enabled",), lambda prequant: not prequant),
     "pgolf.quant.pipeline": (("quant.codec",), lambda codec: codec != "mixed"),
     "pgolf.train.qat": (
@@ -41,6 +51,10 @@ UNUSED_WHEN: dict[str, tuple[tuple[str, ...], Callable[..., bool]]] = {
         lambda qat, late: not qat and late <= 0,
     ),
 }
+
+
+# Modules the script never runs whatever its config: it takes no `--log`, so no metric sink opens.
+SCRIPT_NEVER_RUNS = frozenset({"pgolf.observe.sinks"})
 
 
 def _setting(config: dict, key: str):
@@ -60,7 +74,7 @@ def unused_settings(config: dict) -> dict[str, dict]:
 
 def bundled_code(config: dict) -> Reach:
     """The walk from the script's entry under `config` (the run's `RunConfig.to_dict`)."""
-    return reach(_TAIL, frozenset(unused_settings(config)))
+    return reach(_TAIL, frozenset(unused_settings(config)) | SCRIPT_NEVER_RUNS)
 
 
 _FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
