@@ -95,11 +95,16 @@ def shrink(preset: str, steps: int, seed: int, frontier: dict | None = None) -> 
     return [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
 
 
+def data_dir(work: Path, caseops: bool) -> Path:
+    """One folder per tokenization, so a work folder can hold both sweeps."""
+    return work / ("data_caseops" if caseops else "data")
+
+
 def build_data(work: Path, caseops: bool = False) -> Path:
     from pgolf.data.build import build_dataset
     from pgolf.settings import shared_data
 
-    out = work / "data"
+    out = data_dir(work, caseops)
     if (out / "meta.json").is_file():
         return out
     corpus = shared_data("corpus")
@@ -252,7 +257,8 @@ def main() -> None:
     shape_args = ["--frontier", *shape_args] if args.frontier else []
     if args.one:
         preset, seed = args.one.rsplit(":", 1)
-        train_one(args.work, args.work / "data", preset, int(seed), args.steps, frontier)
+        data = data_dir(args.work, args.frontier)
+        train_one(args.work, data, preset, int(seed), args.steps, frontier)
         return
     if args.frontier and args.only == ",".join(PRESETS):
         args.only = ",".join(FRONTIER)
