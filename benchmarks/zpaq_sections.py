@@ -45,12 +45,30 @@ def main() -> None:
             pgolf_total += section["nbytes"]
             zpaq_total += z
             best_total += min(z, section["nbytes"])
-            print(json.dumps({"section": section["names"][:2], "raw": len(raw),
-                              "pgolf": section["nbytes"], "codec": section["codec"], "zpaq": z}))  # fmt: skip
-        print(json.dumps({"run": str(run), "sections": len(sections), "pgolf_bytes": pgolf_total,
-                          "zpaq_bytes": zpaq_total, "best_of_both": best_total,
-                          "zpaq_minus_pgolf": zpaq_total - pgolf_total,
-                          "zpaq_s": round(time.perf_counter() - t0, 1)}))  # fmt: skip
+            print(
+                json.dumps(
+                    {
+                        "section": section["names"][:2],
+                        "raw": len(raw),
+                        "pgolf": section["nbytes"],
+                        "codec": section["codec"],
+                        "zpaq": z,
+                    }
+                )
+            )
+        print(
+            json.dumps(
+                {
+                    "run": str(run),
+                    "sections": len(sections),
+                    "pgolf_bytes": pgolf_total,
+                    "zpaq_bytes": zpaq_total,
+                    "best_of_both": best_total,
+                    "zpaq_minus_pgolf": zpaq_total - pgolf_total,
+                    "zpaq_s": round(time.perf_counter() - t0, 1),
+                }
+            )
+        )
 
 
 if __name__ == "__main__":
