@@ -19,7 +19,7 @@ import pytest
 from pgolf.cli import main
 from pgolf.config import load_preset
 from pgolf.data.shards import read_shard, write_shard
-from pgolf.export.bundle import bundled_code
+from pgolf.export.bundle import bundled_code, is_lean
 from pgolf.export.reach import minify
 
 TINY = [
@@ -85,7 +85,20 @@ def tiny_run(preset: str, data: Path, run: Path, *sets: str) -> Path:
 
 @pytest.fixture(scope="module")
 def seed_run(small_data, tmp_path_factory):
+    """A baseline run: it exports as the lean script (`pgolf.export.lean`)."""
     return tiny_run("baseline", small_data, tmp_path_factory.mktemp("export_run") / "run")
+
+
+# A baseline setting the lean script does not implement (P639's value residuals): the run then
+# exports as the bundle of pgolf's own modules.
+BUNDLED = ["--set", "model.value_residual=true"]
+
+
+@pytest.fixture(scope="module")
+def bundle_run(small_data, tmp_path_factory):
+    run = tiny_run("baseline", small_data, tmp_path_factory.mktemp("bundle_run") / "run", *BUNDLED)
+    assert not is_lean(json.loads((run / "config.json").read_text()))
+    return run
 
 
 def test_export_writes_the_records_folder(seed_run, tmp_path, capsys):
@@ -116,11 +129,11 @@ def test_export_writes_the_records_folder(seed_run, tmp_path, capsys):
     assert "`model.num_layers`" in readme and "§5.2" in readme
     assert (out / "train_seed7.log").read_text() == (seed_run / "train.log").read_text()
     requirements = (out / "requirements.txt").read_text().splitlines()
-    assert [r.split("==")[0].split(";")[0] for r in requirements] == [
-        "numpy", "sentencepiece", "tomli", "torch"
-    ]  # fmt: skip
-    head = (out / "train_gpt_readable.py").read_text().split("SOURCES = {}")[0]
-    assert "import pgolf" not in head
+    # the lean script needs no pgolf and no TOML reader
+    assert [r.split("==")[0] for r in requirements] == ["numpy", "sentencepiece", "torch"]
+    readable = (out / "train_gpt_readable.py").read_text()
+    assert "import pgolf" not in readable and "from pgolf" not in readable
+    assert "record-style script" in readme
 
 
 def test_export_refuses_an_existing_folder_without_force(seed_run, tmp_path, capsys):
@@ -158,20 +171,8 @@ def unwrap(stub: str) -> str:
     return lzma.decompress(base64.b85decode(payload), lzma.FORMAT_RAW, filters=filters).decode()
 
 
-def check_export_reproduces(run: Path, data: Path, out: Path) -> list[str]:
-    """Export `run`, run the shipped script alone on `data`; the pgolf modules it loaded."""
-    assert main(["export", str(run), "--out", str(out)]) == 0
-    stub = (out / "train_gpt.py").read_text()
-    assert stub.count("\n") == 2 and stub.startswith("import base64,lzma\n")
-    shipped = embedded_sources(unwrap(stub))
-    readable = embedded_sources((out / "train_gpt_readable.py").read_text())
-    # the shipped modules are the readable ones minified, no more and no fewer
-    assert sorted(shipped) == sorted(readable)
-    assert all(shipped[name] == minify(text) for name, text in readable.items())
-    assert any('"""' in text for text in readable.values())  # the readable form keeps docstrings
-    assert not any('"""' in text for text in shipped.values())
-    sub = json.loads((out / "submission.json").read_text())
-    assert sub["bytes_code"] == (out / "train_gpt.py").stat().st_size
+def run_exported(out: Path, data: Path) -> tuple[dict, list[str]]:
+    """Run the shipped script alone on `data`: its report and the pgolf modules it loaded."""
     shutil.copytree(data, out / "data")
     # -I: no PYTHONPATH, no user site, no cwd on sys.path; the script must carry pgolf itself
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PGOLF"))}
@@ -181,20 +182,49 @@ def check_export_reproduces(run: Path, data: Path, out: Path) -> list[str]:
         timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    seed = sub["seeds"][0]
+    seed = json.loads((out / "submission.json").read_text())["seeds"][0]
     report = json.loads(Path(out / f"run_seed{seed}" / "report.json").read_text())
+    return report, json.loads(proc.stdout.split("BUNDLE-ONLY ")[1])
+
+
+def check_export_reproduces(run: Path, data: Path, out: Path) -> list[str]:
+    """Export `run`, run the shipped script alone on `data`; the pgolf modules it loaded."""
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    stub = (out / "train_gpt.py").read_text()
+    assert stub.count("\n") == 2 and stub.startswith("import base64,lzma\n")
+    readable = (out / "train_gpt_readable.py").read_text()
+    if is_lean(json.loads((run / "config.json").read_text())):
+        # one script: the shipped one is the readable one minified
+        assert unwrap(stub) == minify(readable) and '"""' in readable
+    else:
+        shipped = embedded_sources(unwrap(stub))
+        readable = embedded_sources(readable)
+        # the shipped modules are the readable ones minified, no more and no fewer
+        assert sorted(shipped) == sorted(readable)
+        assert all(shipped[name] == minify(text) for name, text in readable.items())
+        assert any('"""' in text for text in readable.values())  # docstrings kept for review
+        assert not any('"""' in text for text in shipped.values())
+    sub = json.loads((out / "submission.json").read_text())
+    assert sub["bytes_code"] == (out / "train_gpt.py").stat().st_size
+    report, loaded = run_exported(out, data)
     original = json.loads((run / "report.json").read_text())
     assert report["val_bpb"] == original["val_bpb"]  # bit-identical
     assert report["bytes_model"] == original["bytes_model"]
-    # the script's own pipeline counts the script as its code bytes
-    assert report["bytes_code"] == (out / "train_gpt.py").stat().st_size
-    loaded = json.loads(proc.stdout.split("BUNDLE-ONLY ")[1])
+    # the script counts itself as its code bytes, and the run counted the same file
+    assert report["bytes_code"] == (out / "train_gpt.py").stat().st_size == original["bytes_code"]
     assert not set(loaded) & set(NEVER_BUNDLED)
     return loaded
 
 
-def test_the_exported_script_alone_reproduces_the_run(seed_run, small_data, tmp_path):
+def test_the_exported_lean_script_alone_reproduces_the_run(seed_run, small_data, tmp_path):
     loaded = check_export_reproduces(seed_run, small_data, tmp_path / "sub")
+    assert loaded == []  # not one pgolf module: the lean script is the whole pipeline
+    artifact = (tmp_path / "sub" / "run_seed7" / "artifact.pgolf").read_bytes()
+    assert artifact == (seed_run / "artifact.pgolf").read_bytes()  # byte for byte
+
+
+def test_the_exported_bundle_alone_reproduces_its_run(bundle_run, small_data, tmp_path):
+    loaded = check_export_reproduces(bundle_run, small_data, tmp_path / "sub")
     # int8-zlib, no TTT, no QAT: those modules are stand-ins, their code is not shipped
     stand_ins = {"pgolf.quant.pipeline", "pgolf.eval.ttt", "pgolf.eval.prequant", "pgolf.train.qat"}
     shipped = embedded_sources(unwrap((tmp_path / "sub" / "train_gpt.py").read_text()))
@@ -208,10 +238,10 @@ def test_the_exported_mixed_codec_script_reproduces_its_run(small_data, tmp_path
     assert {"pgolf.quant.gptq", "pgolf.quant.pipeline"} <= set(loaded)
 
 
-def test_a_setting_that_would_need_left_out_code_is_refused(seed_run, tmp_path):
-    """The baseline's script has no TTT code: TTT_ENABLED=1 stops it before anything runs."""
+def test_a_setting_that_would_need_left_out_code_is_refused(bundle_run, tmp_path):
+    """The bundle has no TTT code: TTT_ENABLED=1 stops it before anything runs."""
     out = tmp_path / "sub"
-    assert main(["export", str(seed_run), "--out", str(out)]) == 0
+    assert main(["export", str(bundle_run), "--out", str(out)]) == 0
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PGOLF"))}
     proc = subprocess.run(
         [sys.executable, "-I", "train_gpt.py"], cwd=out, env={**env, "TTT_ENABLED": "1"},

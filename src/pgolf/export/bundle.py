@@ -21,6 +21,7 @@ import lzma
 from collections.abc import Callable
 
 import pgolf
+from pgolf.export.lean import lean_source, uncovered
 from pgolf.export.reach import Reach, minify, reach
 
 
@@ -245,6 +246,21 @@ def compress_script(script: str) -> str:
     )
 
 
+def is_lean(config: dict) -> bool:
+    """Whether `pgolf export` ships the lean script (`pgolf.export.lean`) for `config`."""
+    return not uncovered(config)
+
+
+def readable_script(config: dict) -> str:
+    """The shipped script before minification: `train_gpt_readable.py`, for review."""
+    return lean_source(config) if is_lean(config) else bundle_script(config, readable=True)
+
+
 def shipped_script(config: dict) -> str:
-    """The `train_gpt.py` `pgolf export` ships: its size is the submission's code bytes."""
+    """The `train_gpt.py` `pgolf export` ships: its size is the submission's code bytes.
+
+    The lean script where it implements the config, else the bundle of pgolf's own modules.
+    """
+    if is_lean(config):
+        return compress_script(minify(lean_source(config)))
     return compress_script(bundle_script(config))
