@@ -46,7 +46,7 @@ SWITCHED = (
 # Settings the template reads but implements for some values only.
 ALLOWED = {
     "quant.codec": lambda v: v == "int8-zlib",
-    "eval.eval_mode": lambda v: v == "nonoverlapping",
+    "eval.eval_mode": lambda v: v in ("nonoverlapping", "sliding"),
     "model.logit_softcap": lambda v: v > 0,
 }
 

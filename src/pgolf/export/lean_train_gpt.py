@@ -89,14 +89,19 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", self.freqs(C["model.rope_base"]), persistent=False)
         self.key = self.cos = self.sin = None
 
-    def freqs(self, base):
-        return 1.0 / (base ** (torch.arange(0, self.dims, 2, dtype=torch.float32) / self.dims))
+    def freqs(self, base, device=None):
+        exponents = torch.arange(0, self.dims, 2, dtype=torch.float32, device=device) / self.dims
+        return 1.0 / (base**exponents)
 
     def forward(self, t, dtype):
-        inv_freq = self.inv_freq
-        key = (inv_freq.device, inv_freq.dtype)
+        inv_freq, base, nominal = self.inv_freq, C["model.rope_base"], C["model.rope_train_seq_len"]
+        if 0 < nominal < t:  # NTK-aware base above the nominal length (SPEC §5.9)
+            base = base * (t / nominal) ** (self.dims / (self.dims - 2))
+        key = (base, inv_freq.device, inv_freq.dtype)
         if self.key != key or self.cos.size(-2) < t:
-            if on(C["model.rope_bf16"]):
+            if base != C["model.rope_base"]:
+                inv_freq = self.freqs(base, inv_freq.device)
+            elif on(C["model.rope_bf16"]):
                 inv_freq = inv_freq.bfloat16()
             angles = torch.outer(
                 torch.arange(t, device=inv_freq.device, dtype=inv_freq.dtype), inv_freq
@@ -106,14 +111,18 @@ class Rotary(nn.Module):
 
 
 def rotate(x, cos, sin):
+    dims = 2 * cos.size(-1)
+    if dims < x.size(-1):  # partial RoPE: the rest of the head passes through
+        return torch.cat((rotate(x[..., :dims], cos, sin), x[..., dims:]), dim=-1)
     half = x.size(-1) // 2
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
 
 
 class Attention(nn.Module):
-    def __init__(self):
+    def __init__(self, xsa):
         super().__init__()
+        self.xsa = xsa
         dim, self.heads, self.kv_heads = (
             C["model.model_dim"],
             C["model.num_heads"],
@@ -125,7 +134,7 @@ class Attention(nn.Module):
         self.c_v = Linear(dim, self.kv_heads * self.head_dim)
         self.proj = Linear(dim, dim, zero=True)
         self.q_gain = scalar(torch.full((self.heads,), C["model.qk_gain_init"]))
-        self.rotary = Rotary(self.head_dim)
+        self.rotary = Rotary(C["model.rope_dims"] or self.head_dim)
 
     def forward(self, x):
         b, t, d = x.shape
@@ -139,6 +148,10 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads
         )
+        if self.xsa:  # drop from each head's output its part along its own position's value
+            y = y.reshape(b, self.kv_heads, self.heads // self.kv_heads, t, self.head_dim)
+            v_hat = F.normalize(v, dim=-1).unsqueeze(2)
+            y = (y - (y * v_hat).sum(dim=-1, keepdim=True) * v_hat).reshape(b, self.heads, t, -1)
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
 
@@ -150,24 +163,29 @@ class MLP(nn.Module):
         self.proj = Linear(int(C["model.mlp_mult"] * dim), dim, zero=True)
 
     def forward(self, x):
-        return self.proj(torch.relu(self.fc(x)).square())
+        h, slope = self.fc(x), C["model.mlp_leaky_slope"]
+        return self.proj((torch.relu(h) if slope == 0 else F.leaky_relu(h, slope)).square())
 
 
 class Block(nn.Module):
-    def __init__(self):
+    def __init__(self, i):
         super().__init__()
-        dim = C["model.model_dim"]
-        self.attn = Attention()
+        dim, layers, last = C["model.model_dim"], C["model.num_layers"], C["model.xsa_last_n"]
+        self.attn = Attention(i >= layers - (layers if last == -1 else min(last, layers)))
         self.mlp = MLP()
         self.attn_scale = scalar(torch.ones(dim))
         self.mlp_scale = scalar(torch.ones(dim))
         self.resid_mix = scalar(torch.stack((torch.ones(dim), torch.zeros(dim))))
+        self.ln_scale = 1.0 / math.sqrt(i + 1) if C["model.ln_scale"] else 1.0
+
+    def norm(self, x):
+        return rms_norm(x) * self.ln_scale if self.ln_scale != 1.0 else rms_norm(x)
 
     def forward(self, x, x0):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x))
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+        x = x + self.attn_scale.to(x.dtype) * self.attn(self.norm(x))
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(self.norm(x))
 
 
 class GPT(nn.Module):
@@ -178,7 +196,7 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(C["model.vocab_size"], dim)
         self.tok_emb.weight.role = "embedding"
         self.skip_weights = scalar(torch.ones(min(self.encoder, layers - self.encoder), dim))
-        self.blocks = nn.ModuleList(Block() for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(i) for i in range(layers))
         nn.init.normal_(self.tok_emb.weight, mean=0.0, std=C["model.tied_embed_init_std"])
         if on(C["model.bf16_tables"]):
             self.tok_emb.weight.data = self.tok_emb.weight.data.bfloat16()
@@ -236,6 +254,8 @@ class Muon(torch.optim.Optimizer):  # Nesterov momentum, update orthogonalised b
                 dist.all_reduce(updates)
             offset = 0
             for p in params:
+                if C["train.muon_wd"] > 0:  # decoupled, with the scheduled lr
+                    p.mul_(1.0 - group["lr"] * C["train.muon_wd"])
                 p.add_(
                     updates[offset : offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"]
                 )
@@ -247,17 +267,18 @@ def optimizers(model):
     for p in model.parameters():
         roles[p.role].append(p)
 
-    def adam(params, lr):
+    def adam(params, lr, wd):
         group = [{"params": params, "lr": lr, "base_lr": lr}]
         betas = (C["train.beta1"], C["train.beta2"])
-        return torch.optim.Adam(group, betas=betas, eps=C["train.adam_eps"], fused=CUDA)
+        kind = torch.optim.AdamW if wd > 0 else torch.optim.Adam
+        return kind(group, betas=betas, eps=C["train.adam_eps"], weight_decay=wd, fused=CUDA)
 
     muon = Muon(roles["matrix"])
     muon.param_groups[0]["base_lr"] = C["train.matrix_lr"]
     return [
-        adam(roles["embedding"], C["train.tied_embed_lr"]),
+        adam(roles["embedding"], C["train.tied_embed_lr"], C["train.embed_wd"]),
         muon,
-        adam(roles["scalar"], C["train.scalar_lr"]),
+        adam(roles["scalar"], C["train.scalar_lr"], C["train.adam_wd"]),
     ]
 
 
@@ -494,38 +515,50 @@ def byte_tables(vocab):  # bytes of each token, and whether a leading ▁ counts
     return [torch.as_tensor(a, device=DEV) for a in (base, space, boundary)]
 
 
+def windows(n):
+    """(starts, lengths, first scored offset) of each window over n targets (SPEC §3.5, §3.6)."""
+    seq = C["eval.eval_seq_len"] or C["train.train_seq_len"]
+    if C["eval.eval_mode"] == "sliding":  # every target scored once, after T − s of context
+        stride = C["eval.eval_stride"]
+        context = seq - stride
+        starts = np.arange(-(-(n - context) // stride) if n > context else 1) * stride
+        return starts, np.minimum(starts + seq, n) - starts, np.where(starts > 0, context, 0)
+    starts = np.arange(n // seq) * seq  # disjoint windows; the last n mod T targets unscored
+    return starts, np.full(len(starts), seq), np.zeros(len(starts), np.int64)
+
+
 @torch.no_grad()
 def evaluate(model, tokens, tables):
-    """(val_loss, val_bpb) over disjoint windows of T (SPEC §3.5); float64 sums over all ranks."""
+    """(val_loss, val_bpb): float64 sums over the windows, split over the ranks."""
     seq = C["eval.eval_seq_len"] or C["train.train_seq_len"]
-    n = max(len(tokens) - 1, 0)
-    starts = np.arange(n // seq, dtype=np.int64) * seq
+    starts, lengths, score_from = windows(max(len(tokens) - 1, 0))
     per_batch = max(C["eval.val_batch_tokens"] // (seq * WORLD), 1)
-    runner = (
-        torch.compile(model)
-        if C["eval.compile"] == "on" or (C["eval.compile"] == "auto" and CUDA)
-        else model
-    )
+    if C["eval.eval_mode"] == "sliding":
+        per_batch = C["eval.eval_batch_windows"]
+    compile_eval = C["eval.compile"] == "on" or (C["eval.compile"] == "auto" and CUDA)
+    runner = torch.compile(model) if compile_eval else model
     model.eval()
     acc = torch.zeros(3, dtype=torch.float64, device=DEV)
-    share = range(len(starts) * RANK // WORLD, len(starts) * (RANK + 1) // WORLD)
     base, space, boundary = tables
+    offsets = np.arange(seq)[None]
+    share = range(len(starts) * RANK // WORLD, len(starts) * (RANK + 1) // WORLD)
     for lo in range(share.start, share.stop, per_batch):
-        pos = starts[lo : min(lo + per_batch, share.stop), None] + np.arange(seq)
-        x, y = (torch.from_numpy(tokens[p].astype(np.int64)).to(DEV) for p in (pos, pos + 1))
+        hi = min(lo + per_batch, share.stop)
+        valid = offsets < lengths[lo:hi, None]
+        pos = starts[lo:hi, None] + offsets
+        x, y = (np.where(valid, tokens[np.where(valid, p, 0)], 0) for p in (pos, pos + 1))
+        first = int(score_from[lo:hi].min())  # no logits for positions that are context only
+        mask = torch.from_numpy(valid & (offsets >= score_from[lo:hi, None]))[:, first:].to(DEV)
+        x = torch.from_numpy(x.astype(np.int64)).to(DEV)
+        y = torch.from_numpy(y[:, first:].astype(np.int64)).to(DEV)
         with autocast():
-            logits = runner(x)
+            logits = runner(x, logits_from=first)
         nll = F.cross_entropy(
             logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), reduction="none"
-        )
-        nbytes = base[y] + (space[y] & ~boundary[x]).long()
-        acc += torch.stack(
-            (
-                nll.double().sum(),
-                nbytes.sum().double(),
-                torch.tensor(float(y.numel()), dtype=torch.float64),
-            )
-        )
+        ).view_as(y)
+        nbytes = base[y] + (space[y] & ~boundary[x[:, first:]]).long()
+        nats = torch.where(mask, nll.double(), 0.0).sum()
+        acc += torch.stack((nats, torch.where(mask, nbytes, 0).sum().double(), mask.sum().double()))
     model.train()
     if WORLD > 1:
         dist.all_reduce(acc)
