@@ -95,11 +95,11 @@ class Rotary(nn.Module):
 
     def forward(self, t, dtype):
         inv_freq, base, nominal = self.inv_freq, C["model.rope_base"], C["model.rope_train_seq_len"]
-        if 0 < nominal < t:  # NTK-aware base above the nominal length (SPEC §5.9)
+        if C["model.rope_train_seq_len"] and nominal < t:  # NTK base past the nominal length
             base = base * (t / nominal) ** (self.dims / (self.dims - 2))
         key = (base, inv_freq.device, inv_freq.dtype)
         if self.key != key or self.cos.size(-2) < t:
-            if base != C["model.rope_base"]:
+            if C["model.rope_train_seq_len"] and base != C["model.rope_base"]:
                 inv_freq = self.freqs(base, inv_freq.device)
             elif on(C["model.rope_bf16"]):
                 inv_freq = inv_freq.bfloat16()
@@ -112,7 +112,7 @@ class Rotary(nn.Module):
 
 def rotate(x, cos, sin):
     dims = 2 * cos.size(-1)
-    if dims < x.size(-1):  # partial RoPE: the rest of the head passes through
+    if C["model.rope_dims"] and dims < x.size(-1):  # partial RoPE: the rest passes through
         return torch.cat((rotate(x[..., :dims], cos, sin), x[..., dims:]), dim=-1)
     half = x.size(-1) // 2
     x1, x2 = x[..., :half], x[..., half:]
@@ -148,7 +148,9 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads
         )
-        if self.xsa:  # drop from each head's output its part along its own position's value
+        if (
+            C["model.xsa_last_n"] and self.xsa
+        ):  # drop from each head's output its part along its own position's value
             y = y.reshape(b, self.kv_heads, self.heads // self.kv_heads, t, self.head_dim)
             v_hat = F.normalize(v, dim=-1).unsqueeze(2)
             y = (y - (y * v_hat).sum(dim=-1, keepdim=True) * v_hat).reshape(b, self.heads, t, -1)
@@ -164,7 +166,8 @@ class MLP(nn.Module):
 
     def forward(self, x):
         h, slope = self.fc(x), C["model.mlp_leaky_slope"]
-        return self.proj((torch.relu(h) if slope == 0 else F.leaky_relu(h, slope)).square())
+        h = torch.relu(h) if C["model.mlp_leaky_slope"] == 0 else F.leaky_relu(h, slope)
+        return self.proj(h.square())
 
 
 class Block(nn.Module):
@@ -179,7 +182,8 @@ class Block(nn.Module):
         self.ln_scale = 1.0 / math.sqrt(i + 1) if C["model.ln_scale"] else 1.0
 
     def norm(self, x):
-        return rms_norm(x) * self.ln_scale if self.ln_scale != 1.0 else rms_norm(x)
+        scaled = C["model.ln_scale"] and self.ln_scale != 1.0  # layer 0's 1/√1 multiplies nothing
+        return rms_norm(x) * self.ln_scale if scaled else rms_norm(x)
 
     def forward(self, x, x0):
         mix = self.resid_mix.to(x.dtype)
