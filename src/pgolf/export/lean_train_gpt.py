@@ -56,7 +56,10 @@ def shard(path):  # the official format: 256 int32 header (magic, version, count
 
 
 def shards(split):
-    return sorted(glob.glob(os.path.join(DATA, f"fineweb_{split}_" + "[0-9]" * 6 + ".bin")))
+    files = sorted(glob.glob(os.path.join(DATA, f"fineweb_{split}_" + "[0-9]" * 6 + ".bin")))
+    if not files:
+        raise FileNotFoundError(f"{DATA}: no fineweb_{split}_NNNNNN.bin shards (set DATA_PATH)")
+    return files
 
 
 # -- model ---------------------------------------------------------------------------------------
