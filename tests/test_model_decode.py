@@ -21,6 +21,7 @@ from pgolf.errors import PgolfError
 from pgolf.model.config import ModelConfig
 from pgolf.model.gpt import GPT
 from pgolf.quant import calibration, pipeline
+from pgolf.quant.hessian import collect_hessians
 from tests.parity.models import PRESET_SCRIPT, shrunk_config, top_config
 
 TOL = 1e-5
@@ -155,3 +156,26 @@ def test_selfgen_length_follows_the_training_length_unless_set(selfgen_len, expe
     hessians, info = pipeline.calibrate(model, cfg, None, world)
     assert info["selfgen_len"] == expected and seen == [expected]
     assert hessians
+
+
+def test_selfgen_hessians_see_the_sampled_sequences_and_not_the_sampling():
+    """S1019 samples first, then collects H over full forwards of the samples; the decoding
+    steps' own inputs (each position once more, one at a time) must not enter H."""
+    cfg = load_preset("pr1019")
+    cfg.model = CONFIGS["pr1019"]
+    cfg.train.train_seq_len = 12
+    ex = cfg.quant
+    ex.selfgen_seqs, ex.selfgen_batch, ex.keep_float_max_numel = 3, 2, 0
+    model = _random_gpt(cfg.model)
+    world = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    hessians, _ = pipeline.calibrate(model, cfg, None, world)
+    samples = list(
+        calibration.self_generated(
+            model, 3, 12, vocab_size=cfg.model.vocab_size, seed=cfg.train.seed, batch_size=2
+        )
+    )
+    names = pipeline.hessian_names(model, ex)
+    expected = collect_hessians(model, samples, names)
+    assert sorted(hessians) == sorted(expected) == sorted(names)
+    for name in names:
+        assert torch.equal(hessians[name], expected[name]), name

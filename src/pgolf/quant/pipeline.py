@@ -80,6 +80,9 @@ def calibrate(
     else:
         # 0 follows the training length, as S1019 generates TRAIN_SEQ_LEN tokens per sequence.
         length = ex.selfgen_len or cfg.train.train_seq_len
+        # Sampled in full before any Hessian is collected, as S1019 does: collecting while the
+        # generator runs would also take in every decoding step's inputs (one position each,
+        # under bf16 autocast on CUDA) and count each position twice.
         batches = calibration.self_generated(
             model,
             ex.selfgen_seqs,
@@ -91,6 +94,7 @@ def calibrate(
             context=ex.selfgen_context,
             device=world.device,
         )
+        batches = list(batches)
         info["calib_batches"] = -(-ex.selfgen_seqs // ex.selfgen_batch)
         info["selfgen_len"] = length
     hessians = collect_hessians(
