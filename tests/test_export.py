@@ -89,6 +89,7 @@ def seed_run(small_data, tmp_path_factory):
     return tiny_run("baseline", small_data, tmp_path_factory.mktemp("export_run") / "run")
 
 
+TRAIN_CALIBRATION = ["--set", "quant.calib_source=train", "--set", "quant.calib_batches=2"]
 # A baseline setting the lean script does not implement (P639's value residuals): the run then
 # exports as the bundle of pgolf's own modules.
 BUNDLED = ["--set", "model.value_residual=true"]
@@ -232,8 +233,19 @@ def test_the_exported_bundle_alone_reproduces_its_run(bundle_run, small_data, tm
     assert "pgolf.quant.gptq" not in loaded and "pgolf.quant.pipeline" in loaded
 
 
-def test_the_exported_mixed_codec_script_reproduces_its_run(small_data, tmp_path):
+def test_the_exported_pr1019_script_is_lean_and_reproduces_its_run(small_data, tmp_path):
+    """GPTQ on self-generated calibration, EMA, BigramHash, VE, the section container: all
+    in the lean script, which loads not one pgolf module and writes the run's artifact."""
     run = tiny_run("pr1019", small_data, tmp_path / "run", *STACK)
+    assert check_export_reproduces(run, small_data, tmp_path / "sub") == []
+    artifact = (tmp_path / "sub" / "run_seed7" / "artifact.pgolf").read_bytes()
+    assert artifact == (run / "artifact.pgolf").read_bytes()
+
+
+def test_an_exported_mixed_codec_bundle_reproduces_its_run(small_data, tmp_path):
+    """Calibration on training data is not in the lean script: that run ships the bundle."""
+    run = tiny_run("pr1019", small_data, tmp_path / "run", *STACK, *TRAIN_CALIBRATION)
+    assert not is_lean(json.loads((run / "config.json").read_text()))
     loaded = check_export_reproduces(run, small_data, tmp_path / "sub")
     assert {"pgolf.quant.gptq", "pgolf.quant.pipeline"} <= set(loaded)
 

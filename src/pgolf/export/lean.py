@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from pgolf.artifact.codecs import SECTION_CODECS
 from pgolf.config import RunConfig
 
 TEMPLATE = Path(__file__).with_name("lean_train_gpt.py")
@@ -43,11 +44,25 @@ SWITCHED = (
     (lambda c: not c["eval.prequant_ttt_enabled"], ("eval.prequant_ttt_",)),
     (lambda c: c["eval.eval_mode"] != "sliding", ("eval.eval_stride", "eval.eval_batch_windows")),
 )
-# Settings the template reads but implements for some values only.
+# Settings the template implements for some values only (whether it reads them or not).
 ALLOWED = {
-    "quant.codec": lambda v: v == "int8-zlib",
+    "quant.codec": lambda v: v in ("int8-zlib", "mixed"),
     "eval.eval_mode": lambda v: v in ("nonoverlapping", "sliding"),
     "model.logit_softcap": lambda v: v > 0,
+    "model.smear_gate": lambda v: v in ("off", "v1"),
+    # the mixed quantizer as S1019 runs it: GPTQ with the clip search on int matrices, on
+    # self-generated calibration, percentile int8 embeddings, any section codec, ±1 pruning
+    "quant.quant_method": lambda v: v == "gptq",
+    "quant.gptq_matrix": lambda v: v is True,
+    "quant.gptq_embed": lambda v: v is False,
+    "quant.matrix_clip": lambda v: v == "search-gptq",
+    "quant.embed_clip": lambda v: v == "percentile",
+    "quant.gptq_order": lambda v: v == "desc",
+    "quant.gptq_feedback": lambda v: v == "cholesky",
+    "quant.calib_source": lambda v: v == "selfgen",
+    "quant.selfgen_context": lambda v: v == 0,
+    "quant.compressor": lambda v: v in SECTION_CODECS or v == "auto",
+    "quant.fit_prune": lambda v: v in ("pm1", "none"),
 }
 
 
@@ -88,10 +103,10 @@ def uncovered(config: dict) -> list[str]:
             skipped |= {k for k in flat if k.startswith(prefixes)}
     reasons = []
     for key, value in flat.items():
-        if key in ALLOWED:
-            supported = ALLOWED[key](value)
-        else:  # what the template does not read, it implements at the default only
-            supported = key in read or key in skipped or value == default[key]
+        if key in skipped:
+            continue
+        # what the template does not read, it implements at the default only
+        supported = ALLOWED[key](value) if key in ALLOWED else key in read or value == default[key]
         if not supported:
             reasons.append(f"{key}={value!r}")
     return reasons
@@ -130,7 +145,22 @@ class _Fold(ast.NodeTransformer):
             return ast.copy_location(ast.Constant(value), node)
         return node
 
-    visit_BinOp = visit_UnaryOp = visit_Compare = visit_BoolOp = _constant
+    visit_BinOp = visit_UnaryOp = visit_Compare = _constant
+
+    def visit_BoolOp(self, node: ast.BoolOp) -> ast.expr:
+        node = self._constant(node)
+        if isinstance(node, ast.BoolOp):
+            # `False or x` is x, as is `True and x`; a last operand keeps its value either way
+            neutral = isinstance(node.op, ast.And)
+            last = node.values[-1]
+            node.values = [
+                v
+                for v in node.values[:-1]
+                if not (isinstance(v, ast.Constant) and bool(v.value) is neutral)
+            ] + [last]
+            if len(node.values) == 1:
+                return last
+        return node
 
     def visit_Call(self, node: ast.Call) -> ast.expr:
         self.generic_visit(node)

@@ -74,12 +74,12 @@ def scalar(values, role="scalar"):
 
 
 class Linear(nn.Linear):  # fp32 weight, matmul in the input's dtype; zero-init keeps its draw
-    def __init__(self, n_in, n_out, zero=False):
+    def __init__(self, n_in, n_out, zero=False, role="matrix"):
         super().__init__(n_in, n_out, bias=False)
         self.zero = zero
         if zero:
             nn.init.zeros_(self.weight)
-        self.weight.role = "matrix"
+        self.weight.role = role
 
     def forward(self, x):
         return F.linear(x, self.weight.to(x.dtype))
@@ -96,10 +96,14 @@ class Rotary(nn.Module):
         exponents = torch.arange(0, self.dims, 2, dtype=torch.float32, device=device) / self.dims
         return 1.0 / (base**exponents)
 
+    def base(self, t):  # the NTK base past the nominal length
+        base, nominal = C["model.rope_base"], C["model.rope_train_seq_len"]
+        if C["model.rope_train_seq_len"] and nominal < t:
+            return base * (t / nominal) ** (self.dims / (self.dims - 2))
+        return base
+
     def forward(self, t, dtype):
-        inv_freq, base, nominal = self.inv_freq, C["model.rope_base"], C["model.rope_train_seq_len"]
-        if C["model.rope_train_seq_len"] and nominal < t:  # NTK base past the nominal length
-            base = base * (t / nominal) ** (self.dims / (self.dims - 2))
+        inv_freq, base = self.inv_freq, self.base(t)
         key = (base, inv_freq.device, inv_freq.dtype)
         if self.key != key or self.cos.size(-2) < t:
             if C["model.rope_train_seq_len"] and base != C["model.rope_base"]:
@@ -139,17 +143,33 @@ class Attention(nn.Module):
         self.q_gain = scalar(torch.full((self.heads,), C["model.qk_gain_init"]))
         self.rotary = Rotary(C["model.rope_dims"] or self.head_dim)
 
-    def forward(self, x):
+    def forward(self, x, ve=None, cache=None):
         b, t, d = x.shape
         q = self.c_q(x).reshape(b, t, self.heads, self.head_dim).transpose(1, 2)
         k = self.c_k(x).reshape(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.c_v(x).reshape(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.c_v(x)
+        if C["model.ve_enabled"] and ve is not None:  # value embeddings join V (SPEC §5.11)
+            v = v + ve
+        v = v.reshape(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = rms_norm(q), rms_norm(k)
-        cos, sin = self.rotary(t, q.dtype)
-        k = rotate(k, cos, sin)
+        if C["quant.codec"] != "mixed" or cache is None:  # a cache only decodes calibration
+            cos, sin = self.rotary(t, q.dtype)
+            k, v_all = rotate(k, cos, sin), v
+        else:  # [un-rotated keys, rotated keys, their base, values] of the positions so far
+            start = 0 if cache[0] is None else cache[0].size(-2)
+            cos, sin = self.rotary(start + t, k.dtype)
+            cache[0] = k if cache[0] is None else torch.cat((cache[0], k), dim=-2)
+            cache[3] = v if cache[3] is None else torch.cat((cache[3], v), dim=-2)
+            base = self.rotary.base(start + t)
+            if cache[1] is None or base != cache[2]:  # a new NTK base moves every earlier key
+                cache[1], cache[2] = rotate(cache[0], cos, sin), base
+            else:
+                new = rotate(k, cos[..., start:, :], sin[..., start:, :])
+                cache[1] = torch.cat((cache[1], new), dim=-2)
+            cos, sin, k, v_all = cos[..., start:, :], sin[..., start:, :], cache[1], cache[3]
         q = rotate(q, cos, sin) * self.q_gain.to(q.dtype)[None, :, None, None]
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads
+            q, k, v_all, is_causal=q.size(-2) == k.size(-2), enable_gqa=self.kv_heads != self.heads
         )
         if (
             C["model.xsa_last_n"] and self.xsa
@@ -188,11 +208,43 @@ class Block(nn.Module):
         scaled = C["model.ln_scale"] and self.ln_scale != 1.0  # layer 0's 1/√1 multiplies nothing
         return rms_norm(x) * self.ln_scale if scaled else rms_norm(x)
 
-    def forward(self, x, x0):
+    def forward(self, x, x0, ve=None, cache=None):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(self.norm(x))
+        x = x + self.attn_scale.to(x.dtype) * self.attn(self.norm(x), ve, cache)
         return x + self.mlp_scale.to(x.dtype) * self.mlp(self.norm(x))
+
+
+class Lookup(nn.Module):  # BigramHash (SPEC §5.8) or the value embedding (§5.11): table → proj → ·s
+    def __init__(self, rows, dim, width, std, scale):
+        super().__init__()
+        self.embed = nn.Embedding(rows, dim)
+        nn.init.normal_(self.embed.weight, std=std) if std else nn.init.zeros_(self.embed.weight)
+        self.embed.weight.role = "embedding"
+        self.proj = Linear(dim, width, role=C["model.aux_proj_role"]) if dim != width else None
+        self.scale = scalar(torch.tensor(scale))
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        if self.proj is not None:
+            h = self.proj(h)
+        return h * self.scale.to(h.dtype)
+
+
+class Smear(nn.Module):  # SmearGate v1: x_t ← (1 − σ(g))·x_t + σ(g)·x_{t−1} (SPEC §5.7)
+    def __init__(self):
+        super().__init__()
+        self.gate = scalar(torch.zeros(C["model.model_dim"]))
+
+    def forward(self, x):
+        g = torch.sigmoid(self.gate.to(x.dtype))
+        return (1 - g) * x + g * torch.cat((torch.zeros_like(x[:, :1]), x[:, :-1]), dim=1)
+
+
+def bigram_buckets(ids):  # (36313·t XOR 27191·t₋₁) mod (K − 1) in int32; position 0: K − 1
+    t, mod = ids.to(torch.int32), C["model.bigram_vocab_size"] - 1
+    mixed = torch.bitwise_xor(36313 * t[..., 1:], 27191 * t[..., :-1])
+    return torch.cat((torch.full_like(t[..., :1], mod), mixed % mod), dim=-1).long()
 
 
 class GPT(nn.Module):
@@ -202,20 +254,60 @@ class GPT(nn.Module):
         self.encoder = layers // 2
         self.tok_emb = nn.Embedding(C["model.vocab_size"], dim)
         self.tok_emb.weight.role = "embedding"
+        if C["model.bigram_vocab_size"]:
+            self.bigram = Lookup(C["model.bigram_vocab_size"], C["model.bigram_dim"], dim, 0, 0.05)
+        if C["model.smear_gate"] == "v1":
+            self.smear = Smear()
         self.skip_weights = scalar(torch.ones(min(self.encoder, layers - self.encoder), dim))
-        self.blocks = nn.ModuleList(Block(i) for i in range(layers))
+        with torch.random.fork_rng(devices=[], enabled=C["model.banked_init"]):
+            self.blocks = nn.ModuleList(Block(i) for i in range(layers))
+        if C["model.ve_enabled"]:  # one shared table, added on the listed layers (SPEC §5.11)
+            kv = C["model.num_kv_heads"] * (dim // C["model.num_heads"])
+            self.ve_shared = Lookup(C["model.vocab_size"], C["model.ve_dim"], kv, 0.01, 0.1)
+            listed = {int(i) % layers for i in C["model.ve_layers"].split(",")}
+            self.ve_slot = {i: n for n, i in enumerate(sorted(listed))}
+            self.ve_layer_scales = nn.ParameterList(scalar(torch.ones(1)) for _ in listed)
         nn.init.normal_(self.tok_emb.weight, mean=0.0, std=C["model.tied_embed_init_std"])
+        if C["model.orthogonal_init"]:  # SPEC §5.16; the banked scripts do the blocks first
+            aux = [m.proj for m in self.modules() if isinstance(m, Lookup)]
+            order = list(self.modules())
+            if C["model.banked_init"]:
+                order = list(self.blocks.modules()) + [
+                    m for m in order if m not in set(self.blocks.modules())
+                ]
+            for m in order:
+                if isinstance(m, Linear) and not m.zero:
+                    if min(m.weight.shape) >= 64:
+                        nn.init.orthogonal_(m.weight, gain=1.0)
+                    elif m in aux:
+                        nn.init.zeros_(m.weight)
         if on(C["model.bf16_tables"]):
-            self.tok_emb.weight.data = self.tok_emb.weight.data.bfloat16()
+            for m in self.modules():
+                if isinstance(m, nn.Embedding):
+                    m.weight.data = m.weight.data.bfloat16()
 
-    def forward(self, ids, logits_from=0):
-        x = x0 = rms_norm(self.tok_emb(ids))
+    def forward(self, ids, logits_from=0, cache=None):
+        window = ids
+        if C["quant.codec"] == "mixed" and cache is not None:  # BigramHash, SmearGate look back
+            window = ids if cache[-1] is None else torch.cat((cache[-1], ids), dim=1)
+            cache[-1] = window[:, -3:]
+        x = self.tok_emb(window)
+        if C["model.bigram_vocab_size"]:
+            x = x + self.bigram(bigram_buckets(window))
+        x = rms_norm(x)
+        if C["model.smear_gate"] == "v1":
+            x = self.smear(x)
+        x = x0 = x[:, -ids.size(1) :]
+        ve = self.ve_shared(ids) if C["model.ve_enabled"] else None
         skips = []
         for i, block in enumerate(self.blocks):
             j = i - self.encoder
             if j >= 0 and j < len(self.skip_weights) and skips:
                 x = x + self.skip_weights[j].to(x.dtype) * skips.pop()
-            x = block(x, x0)
+            here = None
+            if C["model.ve_enabled"] and i in self.ve_slot:
+                here = ve * self.ve_layer_scales[self.ve_slot[i]].to(ve.dtype)
+            x = block(x, x0, here, None if cache is None else cache[i])
             if j < 0:
                 skips.append(x)
         x = rms_norm(x[:, logits_from:])
@@ -237,12 +329,14 @@ class Muon(torch.optim.Optimizer):  # Nesterov momentum, update orthogonalised b
     def step(self):
         for group in self.param_groups:
             params = group["params"]
-            dtype = torch.bfloat16 if CUDA else torch.float32
+            dtype = torch.bfloat16 if CUDA or on(C["train.muon_bf16_state"]) else torch.float32
             updates = torch.zeros(sum(p.numel() for p in params), device=DEV, dtype=dtype)
             offset = 0
             for j, p in enumerate(params):
                 if j % WORLD == RANK and p.grad is not None:
-                    g = p.grad
+                    g = (
+                        p.grad.bfloat16() if on(C["train.muon_bf16_state"]) else p.grad
+                    )  # banked: bf16 state
                     state = self.state[p]
                     if "buf" not in state:
                         state["buf"] = torch.zeros_like(g)
@@ -254,7 +348,9 @@ class Muon(torch.optim.Optimizer):  # Nesterov momentum, update orthogonalised b
                     for _ in range(C["train.muon_backend_steps"]):
                         a = x @ x.mT
                         x = 3.4445 * x + (-4.7750 * a + 2.0315 * (a @ a)) @ x
-                    x = (x.mT if tall else x) * max(1.0, p.size(-2) / p.size(-1)) ** 0.5
+                    x = x.mT if tall else x
+                    if not on(C["train.muon_bf16_state"]):  # bf16 state: scaled when applied
+                        x = x * aspect(p)
                     updates[offset : offset + p.numel()] = x.reshape(-1)
                 offset += p.numel()
             if WORLD > 1:
@@ -264,9 +360,14 @@ class Muon(torch.optim.Optimizer):  # Nesterov momentum, update orthogonalised b
                 if C["train.muon_wd"] > 0:  # decoupled, with the scheduled lr
                     p.mul_(1.0 - group["lr"] * C["train.muon_wd"])
                 p.add_(
-                    updates[offset : offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"]
+                    updates[offset : offset + p.numel()].view_as(p).to(p.dtype),
+                    alpha=-group["lr"] * (aspect(p) if on(C["train.muon_bf16_state"]) else 1.0),
                 )
                 offset += p.numel()
+
+
+def aspect(p):  # a tall matrix's orthogonal rows have RMS √(cols/rows): brought back to 1
+    return max(1.0, p.size(-2) / p.size(-1)) ** 0.5
 
 
 def optimizers(model):
@@ -357,6 +458,8 @@ def train(log):
         run = wrapped
     opts = optimizers(model)
     stream = Stream()
+    if C["train.ema_enabled"]:  # an fp32 shadow of the weights, from the initial ones (SPEC §5.5)
+        ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
 
     def step(n, scale):
         for opt in opts:
@@ -408,11 +511,33 @@ def train(log):
         loss = step(n, lr_scale(n, ms, cap_ms))
         n += 1
         ms = elapsed_ms(t0, cap_ms)
+        if C["train.ema_enabled"]:
+            d = ema_decay(n, ms, cap_ms)
+            shadow = list(ema.values())
+            torch._foreach_mul_(shadow, d)
+            torch._foreach_add_(
+                shadow, [v.detach().float() for v in model.state_dict().values()], alpha=1.0 - d
+            )
         if n == 1 or n % max(C["train.train_log_every"], 1) == 0:
             log(f"step {n}/{ITERATIONS} train_loss {loss:.4f} train_time {ms / 1000:.1f}s")
         if cap_ms is not None and stop_after is None and ms >= cap_ms:
             stop_after = n
+    if C["train.ema_enabled"]:
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                v.copy_(ema[k].to(v.dtype))
     return model, n, ms
+
+
+def ema_decay(step, ms, cap_ms):
+    """The record's decay with its window scaled from its step count to this run's expected one."""
+    if C["train.ema_decay"] > 0:
+        return C["train.ema_decay"]
+    steps = float(ITERATIONS)
+    if cap_ms and step > 0 and ms > 0:
+        steps = min(steps, step * cap_ms / ms)
+    ratio = C["train.ema_reference_steps"] / max(steps, 1.0)
+    return 1.0 - min((1.0 - C["train.ema_reference_decay"]) * ratio, 1.0)
 
 
 class LossModule(nn.Module):  # DDP sees the loss as forward
@@ -424,25 +549,23 @@ class LossModule(nn.Module):  # DDP sees the loss as forward
         return self.model.loss(x, y)
 
 
-# -- quantization and the artifact (pgolf's container, version 1) ----------------------------------
-CONTROL = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weight")
-
-
-def quantize(state):
-    """The baseline's int8 per row (SPEC §4.8): name → numpy array, plus the meta of each tensor."""
-    arrays, entries = {}, {}
+# -- the baseline's int8 + zlib (SPEC §4.8) in pgolf's container, version 1 -----------------------
+def quantize_int8(state):
+    """The baseline's int8 per row: name → numpy array, plus the meta of each tensor."""
+    arrays, entries, control = (
+        {},
+        {},
+        ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weight"),
+    )
     for name in sorted(state, key=lambda k: (-state[k].element_size(), k)):
         t = state[name].detach().cpu().contiguous()
         entry = {"dtype": str(t.dtype)[6:], "shape": list(t.shape)}
         if t.numel() <= 65536:
             entry["scheme"] = "float"
-            arrays[name] = t.to(torch.float32 if any(c in name for c in CONTROL) else torch.float16)
+            arrays[name] = t.to(torch.float32 if any(c in name for c in control) else torch.float16)
         else:
             w, entry["scheme"] = t.float(), "int8_per_row"
-            a, step = w.abs(), max(1, (1 << 24) // w.size(1))
-            clip = torch.cat(
-                [torch.quantile(a[i : i + step], 0.9999984, dim=1) for i in range(0, len(a), step)]
-            )
+            clip = quantile_rows(w.abs(), 0.9999984)
             scale = torch.clamp(clip / 127.0, min=1.0 / 127.0)
             q = torch.round(torch.clamp(w, -clip[:, None], clip[:, None]) / scale[:, None])
             arrays[name], arrays[name + "::scale"] = (
@@ -456,7 +579,7 @@ def quantize(state):
     }
 
 
-def pack(arrays, meta):
+def pack_int8(arrays, meta):
     entries, payload = [], b""
     for name, a in arrays.items():
         raw = a.tobytes()
@@ -481,7 +604,7 @@ def pack(arrays, meta):
     return struct.pack("<5sBI", b"PGOLF", 1, len(header)) + header + body
 
 
-def unpack(data):
+def unpack_int8(data):
     (n,) = struct.unpack_from("<I", data, 6)
     header = json.loads(data[10 : 10 + n])
     body = data[10 + n :]
@@ -500,6 +623,394 @@ def unpack(data):
         value = arrays[name]
         if entry["scheme"] == "int8_per_row":
             value = value.float() * arrays[name + "::scale"].float().reshape(-1, 1)
+        state[name] = value.to(getattr(torch, entry["dtype"]))
+    return state
+
+
+# -- the mixed quantizer (SPEC §5.19–§5.25) and pgolf's container, version 2 ---------------------
+@torch.no_grad()
+def self_generated(model):
+    """Sequences sampled from the model itself (SPEC §5.23), one KV-cache decode per batch."""
+    gen = torch.Generator(device=DEV).manual_seed(SEED)
+    count, length = C["quant.selfgen_seqs"], C["quant.selfgen_len"] or C["train.train_seq_len"]
+    batches = []
+    for start in range(0, count, C["quant.selfgen_batch"]):
+        cache = [[None] * 4 for _ in model.blocks] + [None]
+        ids = torch.randint(
+            0, C["model.vocab_size"], (min(C["quant.selfgen_batch"], count - start), 1),
+            generator=gen, device=DEV,
+        )  # fmt: skip
+        tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = CUDA
+        with autocast():  # on CUDA as S1019 samples: bf16 autocast with TF32
+            for _ in range(length - 1):
+                seen = 0 if cache[0][3] is None else cache[0][3].size(-2)
+                logits = model(ids[:, seen:], cache=cache)[:, -1, :].float()
+                logits = logits.bfloat16() if CUDA else logits
+                probs = torch.softmax(logits / C["quant.selfgen_temperature"], dim=-1)
+                ids = torch.cat([ids, torch.multinomial(probs, 1, generator=gen)], dim=1)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        batches.append(ids)
+    return batches
+
+
+@torch.no_grad()
+def hessians(model, names):
+    """H = Σ xᵀx / tokens of each named linear's input over the self-generated sequences."""
+    sums, counts, hooks = {}, {}, []
+
+    def add(name, x):
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        sums[name] = sums[name] + (x.T @ x).double() if name in sums else (x.T @ x).double()
+        counts[name] = counts.get(name, 0) + x.shape[0]
+
+    model.eval()
+    batches = self_generated(model)
+    for name, m in model.named_modules():
+        if name + ".weight" in names:
+            hooks.append(m.register_forward_pre_hook(lambda _, a, n=name + ".weight": add(n, a[0])))
+    for x in batches:
+        model(x)
+    for h in hooks:
+        h.remove()
+    return {n: (h / float(counts[n])).cpu() for n, h in sums.items()}
+
+
+def percentile_scales(w, qmax, quantile):  # float16-exact row scales, floored (SPEC §4.8, §5.20)
+    a = w.abs()
+    clip = a.amax(dim=1) if quantile >= 1.0 else quantile_rows(a, quantile)
+    floor = 1.0 / qmax if C["quant.scale_floor"] else 2.0**-24
+    scale = (clip.float() / qmax).clamp_min(floor).clamp(min=2.0**-24, max=65504.0)
+    return scale.half().float().clamp(min=2.0**-24)
+
+
+def quantile_rows(a, quantile):  # torch.quantile within its size limit
+    step = max(1, (1 << 24) // a.size(1))
+    return torch.cat(
+        [torch.quantile(a[i : i + step], quantile, dim=1) for i in range(0, len(a), step)]
+    )
+
+
+def rtn(w, scale, qmax):
+    return torch.round(w / scale[:, None]).clamp_(-qmax, qmax).to(torch.int8)
+
+
+def cholesky_factor(h):
+    """The upper Cholesky factor of the damped H⁻¹; damping ×10 on failure (4 retries) or None."""
+    mean, damp = float(h.diagonal().mean()), C["quant.gptq_damp"]
+    for _ in range(5):
+        damped = h.clone()
+        damped.diagonal().add_(damp * mean)
+        chol, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+            if int(info) == 0:
+                return upper.float()
+        damp = damp * 10 if damp > 0 else 1e-6
+    return None
+
+
+def gptq_sweep(w, f, scale, qmax):
+    """GPTQ's column sweep (act-order, lazy block updates) against fixed row scales (SPEC §5.21)."""
+    w, block = w.clone(), C["quant.gptq_block_size"]
+    rows, cols = w.shape
+    q_t = torch.empty(cols, rows)
+    errs, update = torch.empty(block, rows), torch.empty(block, rows)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        n, part, fb = i2 - i1, w[:, i1:i2].T.contiguous(), f[i1:i2, i1:i2]
+        diag = fb.diagonal().tolist()
+        for j in range(n):
+            col, qc, err = part[j], q_t[i1 + j], errs[j]
+            torch.div(col, scale, out=qc).round_().clamp_(-qmax, qmax)
+            torch.sub(col, torch.mul(qc, scale, out=err), out=err).div_(diag[j])
+            part[j + 1 :].sub_(torch.mul(fb[j, j + 1 :, None], err, out=update[: n - j - 1]))
+        if i2 < cols:
+            w[:, i2:].sub_(errs[:n].T.contiguous() @ f[i1:i2, i2:])
+    return q_t.T
+
+
+def quantize_matrix(w, h, bits, search):
+    """(int8 values, row scales): GPTQ once per clip candidate, the lowest plain MSE kept."""
+    qmax, w = (1 << (bits - 1)) - 1, w.float()
+    swept = w  # what GPTQ (or, if it fails, rounding) quantizes
+    factor = None
+    if h is not None:
+        h, swept = h.double(), w.clone()
+        dead = h.diagonal() == 0  # a column no input touched: zeroed, unit diagonal
+        h[dead, dead] = 1.0
+        swept[:, dead] = 0.0
+        perm = torch.argsort(h.diagonal(), descending=True, stable=True)
+        factor = cholesky_factor(h[perm][:, perm])
+    best = None
+    quantiles = (0.999, 0.9995, 0.9999, 0.99999, 1.0) if search else (C["quant.clip_percentile"],)
+    for quantile in quantiles:
+        scale = percentile_scales(w, qmax, quantile)
+        if factor is None:
+            q = rtn(swept, scale, qmax)
+        else:
+            q = gptq_sweep(swept[:, perm], factor, scale, qmax)[:, torch.argsort(perm)]
+            q = q.to(torch.int8)
+        mse = float((q.float() * scale[:, None] - w).square().mean())
+        if best is None or mse < best[0]:
+            best = (mse, q, scale)
+    return best[1], best[2]
+
+
+def quantize_mixed(model, hess):
+    """Every tensor by its plan (SPEC §5.19): name → numpy array, plus the meta of each tensor."""
+    roles = {n: p.role for n, p in model.named_parameters()}
+    arrays, entries = {}, {}
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu()
+        entry = {"scheme": "float16", "dtype": str(t.dtype)[6:], "shape": list(t.shape)}
+        role = roles.get(name)
+        if t.numel() <= C["quant.keep_float_max_numel"] or t.ndim != 2 or role == "scalar":
+            arrays[name] = t.half().numpy()
+        else:
+            if role == "embedding":  # the tied embedding, or a lookup table: int8 rows, no GPTQ
+                qclass = "embed" if name == "tok_emb.weight" else "table"
+                bits = C["quant.embed_bits"] if qclass == "embed" else 8
+                q, scale = quantize_matrix(t, None, bits, False)
+            else:
+                qclass = "mlp" if ".mlp." in name else "attn" if ".attn." in name else "matrix"
+                bits = C["quant.matrix_bits"]
+                q, scale = quantize_matrix(t, hess.get(name), bits, True)
+            arrays[name], arrays[name + "::scale"] = q.numpy(), scale.half().numpy()
+            entry.update(scheme="int", bits=bits, qclass=qclass)
+        entries[name] = entry
+    return arrays, {"format": "pgolf-mixed-v1", "tensors": entries}
+
+
+def frequencies(counts):  # integer frequencies summing to 2**16, each present symbol ≥ 1
+    present = counts > 0
+    freq = np.where(present, np.maximum(1, np.floor(counts * 65536 / counts.sum())), 0)
+    freq, diff = freq.astype(np.int64), 65536 - int(freq.sum())
+    order, i = np.argsort(-counts, kind="stable"), 0
+    while diff:  # the remainder goes to (or comes from) the most frequent symbols
+        j, step = order[i % int(present.sum())], 1 if diff > 0 else -1
+        if freq[j] + step >= 1:
+            freq[j] += step
+            diff -= step
+        i += 1
+    return freq
+
+
+def lanes(n):
+    return int(min(4096, max(1, n // 8192)))
+
+
+def rans_encode(raw):
+    """pgolf's order-0 interleaved rANS over int8 symbols (pgolf.artifact.rans)."""
+    sym = np.frombuffer(raw, np.int8).astype(np.int64)
+    n, lo, hi = sym.size, int(sym.min()), int(sym.max())
+    if lo == hi:
+        return struct.pack("<BIHhH", 1, n, 0, lo, 1) + struct.pack("<H", 0)
+    freq = frequencies(np.bincount(sym - lo, minlength=hi - lo + 1))
+    cum = np.concatenate(([0], np.cumsum(freq)[:-1]))
+    m, shift = lanes(n), np.uint64(16)
+    f_sym, c_sym = freq[sym - lo].astype(np.uint64), cum[sym - lo].astype(np.uint64)
+    x, chunks = np.full(m, 1 << 16, dtype=np.uint64), []
+    for t in range(-(-n // m) - 1, -1, -1):
+        a, b = t * m, min(n, (t + 1) * m)
+        f, c, xs = f_sym[a:b], c_sym[a:b], x[: b - a]
+        emit = xs >= (f << shift)  # renormalise: give away the low 16 bits first
+        chunks.append((xs[emit] & np.uint64(0xFFFF)).astype("<u2"))
+        xs[emit] >>= shift
+        x[: b - a] = ((xs // f) << shift) + (xs % f) + c
+    head = struct.pack("<BIHhH", 1, n, m, lo, hi - lo + 1) + freq.astype("<u2").tobytes()
+    return head + x.astype("<u4").tobytes() + np.concatenate(chunks[::-1]).astype("<u2").tobytes()
+
+
+def rans_decode(blob):
+    _, n, m, lo, k = struct.unpack_from("<BIHhH", blob)
+    freq = np.frombuffer(blob, "<u2", k, 11).astype(np.int64)
+    if k == 1:
+        return np.full(n, lo, np.int8).tobytes()
+    cum = np.concatenate(([0], np.cumsum(freq)[:-1])).astype(np.uint64)
+    slot_sym = np.repeat(np.arange(k), freq)
+    x = np.frombuffer(blob, "<u4", m, 11 + 2 * k).astype(np.uint64)
+    words = np.frombuffer(blob, "<u2", offset=11 + 2 * k + 4 * m).astype(np.uint64)
+    out, w, shift, f64 = np.empty(n, np.int64), 0, np.uint64(16), freq.astype(np.uint64)
+    for t in range(-(-n // m)):
+        a, b = t * m, min(n, (t + 1) * m)
+        xs = x[: b - a]
+        s = slot_sym[(xs & np.uint64(0xFFFF)).astype(np.int64)]
+        out[a:b] = s
+        xs = f64[s] * (xs >> shift) + (xs & np.uint64(0xFFFF)) - cum[s]
+        need = xs < (1 << 16)
+        xs[need] = (xs[need] << shift) | words[w : w + int(need.sum())]
+        w += int(need.sum())
+        x[: b - a] = xs
+    return (out + lo).astype(np.int8).tobytes()
+
+
+def codec(name):  # (compress(raw, itemsize), decompress(blob, itemsize)) of a section codec
+    import lzma
+
+    import brotli
+
+    def shuffle(raw, size):
+        return np.frombuffer(raw, np.uint8).reshape(-1, size).T.tobytes()
+
+    def unshuffle(raw, size):
+        return np.frombuffer(raw, np.uint8).reshape(size, -1).T.tobytes()
+
+    lzma_filters = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
+    if name == "zstd":
+        import zstandard
+
+    return {
+        "none": (lambda b, i: b, lambda b, i: b),
+        "zlib": (lambda b, i: zlib.compress(b, 9), lambda b, i: zlib.decompress(b)),
+        "zstd": (
+            lambda b, i: zstandard.ZstdCompressor(level=22).compress(b),
+            lambda b, i: zstandard.ZstdDecompressor().decompress(b, max_output_size=1 << 31),
+        ),
+        "lzma": (
+            lambda b, i: lzma.compress(b, format=lzma.FORMAT_RAW, filters=lzma_filters),
+            lambda b, i: lzma.decompress(b, format=lzma.FORMAT_RAW, filters=lzma_filters),
+        ),
+        "brotli": (lambda b, i: brotli.compress(b, quality=11), lambda b, i: brotli.decompress(b)),
+        "shuffle-brotli": (  # byte k of every item together: float16 exponents compress
+            lambda b, i: brotli.compress(shuffle(b, i), quality=11),
+            lambda b, i: unshuffle(brotli.decompress(b), i),
+        ),
+        "rans": (lambda b, i: rans_encode(b), lambda b, i: rans_decode(b)),
+    }[name]
+
+
+def pack_sections(arrays, meta, compressor, groups=None, chosen=None):
+    """pgolf's container, version 2: sections of same-dtype arrays, each with its own codec."""
+    import brotli
+
+    if groups is None:  # big int8 tensors alone, the rest one section per dtype
+        groups, by_dtype = [], {}
+        for name, a in arrays.items():
+            if a.dtype == np.int8 and a.size >= 65536:
+                groups.append([name])
+            elif str(a.dtype) in by_dtype:
+                by_dtype[str(a.dtype)].append(name)
+            else:
+                by_dtype[str(a.dtype)] = [name]
+                groups.append(by_dtype[str(a.dtype)])
+    sections, blobs, codecs = [], [], []
+    for i, group in enumerate(groups):
+        dtype = str(arrays[group[0]].dtype)
+        raw = b"".join(arrays[n].tobytes() for n in group)
+        byte_data = dtype == "int8"
+        fits = {"rans": byte_data, "shuffle-brotli": not byte_data}  # the others take any dtype
+        auto = ("rans", "zstd", "shuffle-brotli", "brotli", "lzma")  # smallest kept, first on ties
+        tried = [c for c in auto if fits.get(c, True)]
+        if chosen is not None:
+            tried = [chosen[i]]
+        elif compressor != "auto" and fits.get(compressor, True):
+            tried = [compressor]
+        best = None
+        for name in tried:
+            blob = codec(name)[0](raw, arrays[group[0]].itemsize)
+            if best is None or len(blob) < len(best[1]):
+                best = (name, blob)
+        sections.append(
+            {
+                "codec": best[0],
+                "nbytes": len(best[1]),
+                "tensors": [[n, dtype, list(arrays[n].shape)] for n in group],
+            }
+        )
+        blobs.append(best[1])
+        codecs.append(best[0])
+    header = json.dumps({"sections": sections, "meta": meta}, separators=(",", ":")).encode()
+    header = brotli.compress(header, quality=11)
+    body = header + b"".join(blobs)
+    data = struct.pack("<5sBI", b"PGOLF", 2, len(header)) + hashlib.sha256(body).digest() + body
+    return data, groups, codecs
+
+
+def estimate(counts):  # rANS's coded size from a histogram, to search pruning counts
+    nz = np.flatnonzero(counts)
+    if len(nz) <= 1:
+        return float(11 + 2 * max(len(nz), 1))
+    span = counts[nz[0] : nz[-1] + 1]
+    freq, used = frequencies(span), span > 0
+    bits = -(span[used] * np.log2(freq[used] / 65536)).sum()
+    return float(11 + 2 * len(span) + 4 * lanes(int(counts.sum())) + bits / 8.0)
+
+
+def fit(arrays, meta, hess, target):
+    """Pack under `target` bytes: the codec, then `auto`, then ±1 pruning (SPEC §1.2, §5.24)."""
+    compressor = C["quant.compressor"]
+    data, groups, codecs = pack_sections(arrays, meta, compressor)
+    if len(data) <= target:
+        return data
+    if compressor != "auto":  # the lossless knob first
+        compressor = "auto"
+        data, groups, codecs = pack_sections(arrays, meta, compressor)
+        if len(data) <= target:
+            return data
+    assert C["quant.fit_prune"] != "none", f"artifact {len(data):,} bytes > {target:,}"
+    names = [n for n, e in meta["tensors"].items() if e["scheme"] == "int"]
+    tids, idxs, vals, costs = [], [], [], []
+    for t, name in enumerate(names):  # the ±1 entries, cheapest first: s_row²·H_jj (P639)
+        flat = arrays[name].ravel()
+        idx = np.flatnonzero(np.abs(flat) == 1)
+        rows, cols = np.divmod(idx, arrays[name].shape[1])
+        cost = (arrays[name + "::scale"].astype(np.float64)[rows] * flat[idx]) ** 2
+        if name in hess:
+            cost = cost * hess[name].diagonal().double().numpy()[cols]
+        tids.append(np.full(idx.size, t, np.int32))
+        idxs.append(idx.astype(np.int64))
+        vals.append(flat[idx].astype(np.int16))
+        costs.append(cost)
+    order = np.argsort(np.concatenate(costs), kind="stable")
+    tids, idxs, vals = (np.concatenate(a)[order] for a in (tids, idxs, vals))
+    hist0 = np.stack(
+        [np.bincount(arrays[n].ravel().astype(np.int64) + 128, minlength=256) for n in names]
+    )
+    base, original, unpruned, margin = sum(map(estimate, hist0)), dict(arrays), len(data), 0
+
+    def saving(n):
+        moved = np.bincount(tids[:n].astype(np.int64) * 256 + vals[:n] + 128, minlength=hist0.size)
+        moved = moved.reshape(hist0.shape)
+        hist = hist0 - moved
+        hist[:, 128] += moved.sum(axis=1)
+        return base - sum(map(estimate, hist)) if n else 0.0
+
+    for _ in range(8):
+        lo, hi = 0, len(tids)
+        while lo < hi:  # the fewest entries whose estimated saving covers the overshoot
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if saving(mid) >= unpruned - (target - margin) else (mid + 1, hi)
+        for t, name in enumerate(names):
+            arrays[name] = original[name].copy()
+            arrays[name].reshape(-1)[idxs[:lo][tids[:lo] == t]] = 0
+        data = pack_sections(arrays, meta, compressor, groups, codecs)[0]
+        if len(data) <= target or lo == len(tids):
+            break
+        margin += len(data) - target + 64
+    assert len(data) <= target, f"artifact {len(data):,} bytes > {target:,} after pruning"
+    return data
+
+
+def unpack_sections(data):
+    import brotli
+
+    (n,) = struct.unpack_from("<I", data, 6)
+    assert hashlib.sha256(data[42:]).digest() == data[10:42], "artifact: checksum mismatch"
+    header, pos, arrays = json.loads(brotli.decompress(data[42 : 42 + n])), 42 + n, {}
+    for section in header["sections"]:
+        size = np.dtype(section["tensors"][0][1]).itemsize
+        raw = codec(section["codec"])[1](data[pos : pos + section["nbytes"]], size)
+        pos, offset = pos + section["nbytes"], 0
+        for name, dtype, shape in section["tensors"]:
+            count = math.prod(shape)
+            arrays[name] = np.frombuffer(raw, dtype, count, offset).reshape(shape).copy()
+            offset += count * size
+    state = {}
+    for name, entry in header["meta"]["tensors"].items():
+        value = torch.from_numpy(arrays[name])
+        if entry["scheme"] == "int":
+            value = value.float() * torch.from_numpy(arrays[name + "::scale"]).float()[:, None]
         state[name] = value.to(getattr(torch, entry["dtype"]))
     return state
 
@@ -598,7 +1109,21 @@ def main():
     )
     path = os.path.join(run_dir, "artifact.pgolf")
     if RANK == 0:
-        data = pack(*quantize(model.state_dict()))
+        if C["quant.codec"] == "mixed":  # GPTQ on self-generated calibration, fitted to the cap
+            gptq = [n for n, p in model.named_parameters() if p.role == "matrix" and p.ndim == 2]
+            hess = hessians(
+                model,
+                [
+                    n
+                    for n in gptq
+                    if model.get_parameter(n).numel() > C["quant.keep_float_max_numel"]
+                ],
+            )
+            code = C["quant.code_bytes"] or os.path.getsize(__file__)
+            target = C["quant.target_bytes"] or 16_000_000 - code
+            data = fit(*quantize_mixed(model, hess), hess, target)
+        else:
+            data = pack_int8(*quantize_int8(model.state_dict()))
         with open(path + ".tmp", "wb") as f:
             f.write(data)
         os.replace(path + ".tmp", path)
@@ -606,7 +1131,7 @@ def main():
         dist.barrier()
     t0 = time.perf_counter()
     with open(path, "rb") as f:
-        state = unpack(f.read())
+        state = (unpack_sections if C["quant.codec"] == "mixed" else unpack_int8)(f.read())
     model = GPT()
     model.load_state_dict(state)
     val_loss, val_bpb = evaluate(model.to(DEV), tokens, tables)
