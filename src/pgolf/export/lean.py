@@ -16,10 +16,18 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from pgolf import rules, rundir
 from pgolf.artifact.codecs import SECTION_CODECS
 from pgolf.config import RunConfig
 
 TEMPLATE = Path(__file__).with_name("lean_train_gpt.py")
+# Constants the script shares with pgolf, folded in from their one definition like settings.
+CONSTANTS = {
+    "rules.BYTES_CAP": rules.BYTES_CAP,
+    "rundir.ARTIFACT": rundir.ARTIFACT,
+    "rundir.REPORT": rundir.REPORT,
+    "rundir.TRAIN_LOG": rundir.TRAIN_LOG,
+}
 
 # Settings that never change a number the script produces: where the data is, logging and
 # checkpointing cadence, the eval-time cap's warning (the script only reports its eval time).
@@ -218,7 +226,7 @@ def lean_source(config: dict) -> str:
     reasons = uncovered(config)
     if reasons:
         raise ValueError("the lean script does not implement " + ", ".join(reasons))
-    flat = flatten(config)
+    flat = {**flatten(config), **CONSTANTS}
     tree = _template()
     # `C = {}` goes; every C["key"] becomes its literal
     tree.body = [

@@ -1095,7 +1095,7 @@ def main():
     def log(text):
         if RANK == 0:
             print(text, flush=True)
-            with open(os.path.join(run_dir, "train.log"), "a") as f:
+            with open(os.path.join(run_dir, C["rundir.TRAIN_LOG"]), "a") as f:
                 print(text, file=f)
 
     tokens = np.concatenate([shard(p) for p in shards("val")])
@@ -1107,7 +1107,7 @@ def main():
         f"stopped at step {steps}: train_time {ms / 1000:.1f}s "
         f"pre_quant val_loss {pre_loss:.4f} val_bpb {pre_bpb:.4f}"
     )
-    path = os.path.join(run_dir, "artifact.pgolf")
+    path = os.path.join(run_dir, C["rundir.ARTIFACT"])
     if RANK == 0:
         if C["quant.codec"] == "mixed":  # GPTQ on self-generated calibration, fitted to the cap
             gptq = [n for n, p in model.named_parameters() if p.role == "matrix" and p.ndim == 2]
@@ -1120,7 +1120,7 @@ def main():
                 ],
             )
             code = C["quant.code_bytes"] or os.path.getsize(__file__)
-            target = C["quant.target_bytes"] or 16_000_000 - code
+            target = C["quant.target_bytes"] or C["rules.BYTES_CAP"] - code
             data = fit(*quantize_mixed(model, hess), hess, target)
         else:
             data = pack_int8(*quantize_int8(model.state_dict()))
@@ -1142,7 +1142,7 @@ def main():
     for key, value in report.items():
         log(f"{key}: {value!r}")
     if RANK == 0:
-        with open(os.path.join(run_dir, "report.json"), "w") as f:
+        with open(os.path.join(run_dir, C["rundir.REPORT"]), "w") as f:
             json.dump(report, f, indent=1)
     if WORLD > 1:
         dist.destroy_process_group()
