@@ -187,6 +187,10 @@ class _Fold(ast.NodeTransformer):
         truth = _truth(node.test)
         return node if truth is None else (node.body if truth else node.orelse)
 
+    def visit_Assert(self, node: ast.Assert):
+        self.generic_visit(node)
+        return None if _truth(node.test) is True else node  # an assert that cannot fail goes
+
     def visit_If(self, node: ast.If):
         self.generic_visit(node)
         truth = _truth(node.test)
